@@ -1,0 +1,307 @@
+package vgo
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// State is where a Client is in its life.
+type State int32
+
+// The states of a Client, in the order it passes through them.
+const (
+	StateIdle         State = iota // created, Start not yet called
+	StateConnecting                // dialing for the first time
+	StateConnected                 // a connection is up
+	StateReconnecting              // a connection was lost; dialing again
+	StateClosed                    // stopped for good
+)
+
+// String returns the state's name in lower case.
+func (s State) String() string {
+	switch s {
+	case StateIdle:
+		return "idle"
+	case StateConnecting:
+		return "connecting"
+	case StateConnected:
+		return "connected"
+	case StateReconnecting:
+		return "reconnecting"
+	case StateClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("State(%d)", int32(s))
+}
+
+// A Client keeps one connection to a server alive: it dials with backoff,
+// pings while connected, and when the connection fails it tears it down once
+// and dials again, until Close.
+//
+// All methods are safe for concurrent use.
+type Client struct {
+	addr string
+	opts clientOptions
+	log  logrus.FieldLogger
+
+	// ctx is canceled by Close; every wait in the client selects on it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// exited is closed once the client has stopped for good.
+	exited chan struct{}
+
+	mu      sync.Mutex
+	started bool
+	state   State
+	changed chan struct{} // closed and replaced on every state change
+	link    *link         // the live connection, nil while there is none
+	err     error         // why the client stopped, once it has
+
+	rtt atomic.Int64
+}
+
+// NewClient returns a client for the server at addr (host:port). It checks
+// the options and returns an error wrapping ErrInvalidOption for a bad
+// configuration. The client does nothing until Start.
+func NewClient(addr string, opts ...ClientOption) (*Client, error) {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return nil, invalid("address %q: %v", addr, err)
+	}
+	o, err := newClientOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Client{
+		addr:    addr,
+		opts:    o,
+		log:     o.logger.WithField("remote", addr),
+		ctx:     ctx,
+		cancel:  cancel,
+		exited:  make(chan struct{}),
+		changed: make(chan struct{}),
+	}, nil
+}
+
+// Start begins connecting in the background and returns at once. Calls
+// after the first, and calls after Close, do nothing.
+func (c *Client) Start() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.started {
+		return
+	}
+	c.started = true
+	c.setStateLocked(StateConnecting)
+	go c.run()
+}
+
+// WaitConnected blocks until the client is connected, and returns nil. It
+// returns ctx.Err() if ctx ends first, and the client's Err if it stops
+// first.
+func (c *Client) WaitConnected(ctx context.Context) error {
+	for {
+		c.mu.Lock()
+		state, changed, err := c.state, c.changed, c.err
+		c.mu.Unlock()
+		switch state {
+		case StateConnected:
+			return nil
+		case StateClosed:
+			return err
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Send writes payload as one data frame. It returns nil once the frame has
+// been handed to the operating system, which does not mean the server has
+// received it: if the connection dies, frames sent shortly before can be
+// lost with it.
+//
+// While there is no connection Send fails at once with ErrNotConnected; after
+// the client stopped it returns Err. ctx bounds the wait for other writers;
+// the write itself is bounded by the write timeout, and a write that fails
+// tears the connection down. Send does not keep payload after it returns.
+func (c *Client) Send(ctx context.Context, payload []byte) error {
+	if len(payload) > c.opts.maxFrameSize {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(payload), c.opts.maxFrameSize)
+	}
+	c.mu.Lock()
+	l, err := c.link, c.err
+	c.mu.Unlock()
+	switch {
+	case l != nil:
+		return l.write(ctx, frameData, payload)
+	case err != nil:
+		return err
+	case c.ctx.Err() != nil:
+		return ErrClosed
+	}
+	return ErrNotConnected
+}
+
+// State returns the client's current state.
+func (c *Client) State() State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// RTT returns the round-trip time measured by the last pong, or 0 before
+// the first one.
+func (c *Client) RTT() time.Duration {
+	return time.Duration(c.rtt.Load())
+}
+
+// Done returns a channel that is closed when the client has stopped for
+// good, after Close or after giving up.
+func (c *Client) Done() <-chan struct{} {
+	return c.exited
+}
+
+// Err returns nil while the client runs, and why it stopped afterwards:
+// ErrClosed after Close, or an error wrapping ErrGaveUp.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close stops the client: it interrupts a dial or a backoff wait at once,
+// sends the server a close frame if connected, and returns once every
+// goroutine the client started has exited. It is safe to call more than
+// once; it always returns nil.
+func (c *Client) Close() error {
+	c.cancel()
+	c.mu.Lock()
+	started := c.started
+	c.started = true
+	c.mu.Unlock()
+	if !started {
+		c.finish(nil)
+	}
+	<-c.exited
+	return nil
+}
+
+// finish records why the client stopped and reports it. err is nil after
+// Close.
+func (c *Client) finish(err error) {
+	c.cancel()
+	c.mu.Lock()
+	c.err = err
+	if err == nil {
+		c.err = ErrClosed
+	}
+	c.setStateLocked(StateClosed)
+	c.mu.Unlock()
+	if fn := c.opts.onClose; fn != nil {
+		fn(err)
+	}
+	close(c.exited)
+}
+
+func (c *Client) setStateLocked(s State) {
+	if c.state == s {
+		return
+	}
+	c.state = s
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// serve runs one established connection until it fails or the client is
+// closed, and returns the cause. It starts the reader and the pinger and
+// waits for both, so no goroutine of this connection outlives it.
+func (c *Client) serve(l *link, hb *heartbeat) error {
+	remote := l.nc.RemoteAddr()
+	log := c.log.WithField("local", l.nc.LocalAddr().String())
+	c.mu.Lock()
+	c.link = l
+	c.setStateLocked(StateConnected)
+	c.mu.Unlock()
+	log.Info("connected")
+	if fn := c.opts.onConnect; fn != nil {
+		fn(remote)
+	}
+
+	var wg sync.WaitGroup
+	wg.Go(func() { c.readLoop(l, hb) })
+	if c.opts.pingInterval > 0 {
+		wg.Go(func() {
+			ping := func(ctx context.Context, p []byte) error { return l.write(ctx, framePing, p) }
+			if err := hb.run(l.done, ping); err != nil {
+				l.shutdown(err)
+			}
+		})
+	}
+	select {
+	case <-l.done:
+	case <-c.ctx.Done():
+		l.closeWith(CloseNormal, "client closing", ErrClosed)
+	}
+	wg.Wait()
+	err := l.cause()
+
+	c.mu.Lock()
+	c.link = nil
+	if c.ctx.Err() == nil {
+		c.setStateLocked(StateReconnecting)
+	}
+	c.mu.Unlock()
+	log.WithField("err", err).Info("disconnected")
+	if fn := c.opts.onDisconnect; fn != nil {
+		fn(err)
+	}
+	return err
+}
+
+// readLoop is the connection's only reader. It records every arrival for
+// the heartbeat, answers pings, measures pongs and hands data frames to the
+// message callback.
+func (c *Client) readLoop(l *link, hb *heartbeat) {
+	for {
+		t, p, err := l.fr.next()
+		if err != nil {
+			l.shutdown(readError(err))
+			return
+		}
+		hb.received()
+		switch t {
+		case frameData:
+			if fn := c.opts.onMessage; fn != nil {
+				fn(p)
+			}
+		case framePing:
+			if l.write(c.ctx, framePong, p) != nil {
+				return
+			}
+		case framePong:
+			if rtt, ok := hb.pong(p); ok {
+				c.rtt.Store(int64(rtt))
+				c.log.WithField("rtt", rtt).Debug("pong")
+				if fn := c.opts.onPong; fn != nil {
+					fn(rtt)
+				}
+			}
+		case frameClose:
+			l.shutdown(parseClose(p))
+			return
+		default:
+			err := fmt.Errorf("%w: unexpected %s frame", ErrProtocol, t)
+			l.closeWith(CloseProtocolError, err.Error(), err)
+			return
+		}
+	}
+}

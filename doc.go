@@ -1,0 +1,56 @@
+// Package vgo keeps long-lived TCP connections alive across real network
+// failures: servers that die and come back, links that go silent without a
+// FIN or RST, peers that send garbage.
+//
+// A Client dials a Server, exchanges a hello, then pings on an interval.
+// When the connection fails, for whatever reason, the client tears it down
+// once, reports the cause once, and dials again with exponential backoff
+// and jitter until it is closed. A Server accepts connections, answers
+// pings, hands data frames to a handler, and closes peers that go silent.
+// Every message travels in a length-prefixed frame; PROTOCOL.md describes
+// the wire format.
+//
+// # Heartbeat
+//
+// A connected client sends a ping every ping interval (WithPingInterval) and
+// declares the link dead when no frame at all has arrived within the pong
+// timeout (WithPongTimeout) after the oldest unanswered ping. A dead link is
+// therefore detected at most interval + timeout after the last frame that
+// got through. Each pong also measures the round-trip time (Client.RTT).
+//
+// The server does not ping. Every read of a connection carries a deadline
+// of now + heartbeat timeout (WithHeartbeatTimeout), so a client that sends
+// nothing, not even pings, for that long is closed as stale. Set the
+// heartbeat timeout to two or three of the clients' ping intervals.
+//
+// # Reconnect
+//
+// The client dials at once on Start, and after a failure waits according to
+// its Backoff before the next attempt. The backoff restarts only after a
+// connection has proven healthy by completing its hello and answering a
+// first ping, so a server that accepts and drops at once does not cause a
+// dial storm. By default the client never gives up; WithMaxAttempts makes it
+// stop with ErrGaveUp.
+//
+// # Concurrency
+//
+// Client, Server and Conn methods are safe for concurrent use. Each
+// connection has exactly one reader goroutine; writes are serialized and
+// each is bounded by the write timeout. Callbacks run on the library's
+// goroutines but never under its locks, and those of one client arrive in
+// order: connect, then messages and pongs, then disconnect, then reconnect
+// attempts. A message callback runs on the reader, so a slow callback slows
+// that connection's reads; the bytes it is handed are valid only until it
+// returns.
+//
+// Close on a Client or Server returns only after every goroutine it started
+// has exited.
+//
+// # Errors
+//
+// Errors wrap the sentinels in this package (ErrNotConnected, ErrGaveUp,
+// ErrProtocol, ErrHeartbeatTimeout, ...) with context: match them with
+// errors.Is, and a peer's close frame with errors.As and *CloseError. The
+// timeout errors satisfy net.Error. A peer that breaks the protocol loses its
+// own connection and nothing else.
+package vgo

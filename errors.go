@@ -1,0 +1,95 @@
+package vgo
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Match them with errors.Is: the errors vgo returns and
+// reports to callbacks usually wrap one of these with more context.
+var (
+	// ErrClosed is returned by operations on a Client or Conn after Close.
+	ErrClosed = errors.New("vgo: closed")
+
+	// ErrNotConnected is returned by Client.Send while the client has no
+	// live connection.
+	ErrNotConnected = errors.New("vgo: not connected")
+
+	// ErrGaveUp is reported when a client configured with WithMaxAttempts
+	// has used up its dial attempts. It wraps the last dial error.
+	ErrGaveUp = errors.New("vgo: gave up reconnecting")
+
+	// ErrServerClosed is returned by Server.Serve and ListenAndServe after
+	// Shutdown or Close.
+	ErrServerClosed = errors.New("vgo: server closed")
+
+	// ErrProtocol is wrapped by every error caused by a peer that broke the
+	// wire protocol: an unknown frame type, a bad length, a bad hello.
+	ErrProtocol = errors.New("vgo: protocol error")
+
+	// ErrFrameTooLarge is returned by Send for a payload over the maximum
+	// frame size, and wrapped when a peer announces such a frame.
+	ErrFrameTooLarge = errors.New("vgo: frame too large")
+
+	// ErrHeartbeatTimeout reports a peer that stopped answering: a client
+	// saw no frame within the pong timeout after a ping, or a server saw no
+	// frame within its heartbeat timeout. It satisfies net.Error with
+	// Timeout() == true.
+	ErrHeartbeatTimeout error = &timeoutError{"vgo: heartbeat timeout"}
+
+	// ErrHandshakeTimeout reports a hello exchange that did not complete
+	// within the handshake timeout. It satisfies net.Error with
+	// Timeout() == true.
+	ErrHandshakeTimeout error = &timeoutError{"vgo: handshake timeout"}
+)
+
+// timeoutError is a sentinel that also satisfies net.Error, so code that
+// checks for network timeouts treats vgo's timeouts the same way.
+type timeoutError struct{ msg string }
+
+func (e *timeoutError) Error() string   { return e.msg }
+func (e *timeoutError) Timeout() bool   { return true }
+func (e *timeoutError) Temporary() bool { return true }
+
+// CloseCode says why a peer closed a connection with a close frame.
+type CloseCode uint8
+
+// Close codes carried by a close frame. PROTOCOL.md lists them on the wire.
+const (
+	CloseNormal        CloseCode = 0 // the peer is closing on purpose
+	CloseGoingAway     CloseCode = 1 // the server is shutting down
+	CloseProtocolError CloseCode = 2 // the peer broke the protocol
+	CloseBadVersion    CloseCode = 3 // the protocol versions do not match
+	CloseServerFull    CloseCode = 4 // the server is at its connection limit
+)
+
+// String returns the code's name.
+func (c CloseCode) String() string {
+	switch c {
+	case CloseNormal:
+		return "normal"
+	case CloseGoingAway:
+		return "going away"
+	case CloseProtocolError:
+		return "protocol error"
+	case CloseBadVersion:
+		return "unsupported version"
+	case CloseServerFull:
+		return "server full"
+	}
+	return fmt.Sprintf("code %d", uint8(c))
+}
+
+// CloseError is the cause of a disconnect when the peer sent a close frame
+// before closing. Retrieve it with errors.As.
+type CloseError struct {
+	Code   CloseCode
+	Reason string
+}
+
+func (e *CloseError) Error() string {
+	if e.Reason == "" {
+		return "vgo: closed by peer: " + e.Code.String()
+	}
+	return "vgo: closed by peer: " + e.Code.String() + ": " + e.Reason
+}

@@ -1,0 +1,348 @@
+package vgo
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"net"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// ErrInvalidOption is wrapped by the error NewClient and NewServer return
+// for a configuration they reject.
+var ErrInvalidOption = errors.New("vgo: invalid option")
+
+// Defaults. A zero value passed to an option selects the default; a negative
+// duration, where the option says so, turns the feature off.
+const (
+	DefaultPingInterval     = 5 * time.Second
+	DefaultPongTimeout      = 3 * time.Second
+	DefaultHeartbeatTimeout = 15 * time.Second
+	DefaultDialTimeout      = 5 * time.Second
+	DefaultWriteTimeout     = 10 * time.Second
+	DefaultHandshakeTimeout = 5 * time.Second
+)
+
+// A ClientOption configures a Client. Options that also make sense for a
+// Server have type Option.
+type ClientOption interface {
+	applyClient(*clientOptions)
+}
+
+// A ServerOption configures a Server. Options that also make sense for a
+// Client have type Option.
+type ServerOption interface {
+	applyServer(*serverOptions)
+}
+
+// An Option configures both a Client and a Server.
+type Option interface {
+	ClientOption
+	ServerOption
+}
+
+// commonOptions are the settings both sides have.
+type commonOptions struct {
+	logger           logrus.FieldLogger
+	tlsConfig        *tls.Config
+	maxFrameSize     int
+	writeTimeout     time.Duration
+	handshakeTimeout time.Duration
+}
+
+type clientOptions struct {
+	commonOptions
+	pingInterval time.Duration
+	pongTimeout  time.Duration
+	dialTimeout  time.Duration
+	backoff      Backoff
+	maxAttempts  int
+	dial         func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	onConnect    func(remote net.Addr)
+	onDisconnect func(err error)
+	onMessage    func(msg []byte)
+	onReconnect  func(attempt int, delay time.Duration)
+	onPong       func(rtt time.Duration)
+	onClose      func(err error)
+
+	// rand returns a value in [0, 1) for backoff jitter; tests replace it.
+	rand func() float64
+}
+
+type serverOptions struct {
+	commonOptions
+	heartbeatTimeout time.Duration
+	maxConns         int
+
+	handler     func(c *Conn, msg []byte)
+	onConnOpen  func(c *Conn)
+	onConnClose func(c *Conn, err error)
+	onPing      func(c *Conn)
+}
+
+type commonOption func(*commonOptions)
+
+func (f commonOption) applyClient(o *clientOptions) { f(&o.commonOptions) }
+func (f commonOption) applyServer(o *serverOptions) { f(&o.commonOptions) }
+
+type clientOption func(*clientOptions)
+
+func (f clientOption) applyClient(o *clientOptions) { f(o) }
+
+type serverOption func(*serverOptions)
+
+func (f serverOption) applyServer(o *serverOptions) { f(o) }
+
+// WithLogger sets where log lines go. The default is logrus.StandardLogger().
+// Connects and disconnects are logged at info, retries at warn, protocol
+// errors at warn, heartbeats at debug.
+func WithLogger(l logrus.FieldLogger) Option {
+	return commonOption(func(o *commonOptions) { o.logger = l })
+}
+
+// WithTLSConfig turns on TLS. A Client uses cfg to dial (its ServerName
+// defaults to the host of the dialed address); a Server uses it to accept
+// and needs at least one certificate in it. The default is plain TCP.
+func WithTLSConfig(cfg *tls.Config) Option {
+	return commonOption(func(o *commonOptions) { o.tlsConfig = cfg })
+}
+
+// WithMaxFrameSize sets the largest data payload, in bytes, that may be sent
+// or received. A peer that announces a larger frame is disconnected before
+// anything is allocated for it. The default is DefaultMaxFrameSize (1 MiB);
+// the value must not exceed 4 GiB - 1.
+func WithMaxFrameSize(n int) Option {
+	return commonOption(func(o *commonOptions) { o.maxFrameSize = n })
+}
+
+// WithWriteTimeout bounds each write to the socket. A write that does not
+// finish in time tears the connection down, because a half-written frame
+// cannot be taken back. The default is DefaultWriteTimeout (10s); negative
+// means no limit.
+func WithWriteTimeout(d time.Duration) Option {
+	return commonOption(func(o *commonOptions) { o.writeTimeout = d })
+}
+
+// WithHandshakeTimeout bounds the TLS handshake and the hello exchange that
+// open each connection. The default is DefaultHandshakeTimeout (5s);
+// negative means no limit.
+func WithHandshakeTimeout(d time.Duration) Option {
+	return commonOption(func(o *commonOptions) { o.handshakeTimeout = d })
+}
+
+// WithPingInterval sets how often a connected client pings the server. The
+// default is DefaultPingInterval (5s); negative turns heartbeats off, and
+// with them dead-peer detection.
+func WithPingInterval(d time.Duration) ClientOption {
+	return clientOption(func(o *clientOptions) { o.pingInterval = d })
+}
+
+// WithPongTimeout sets how long a client waits, after a ping, for any frame
+// from the server before it declares the link dead. A dead link is
+// therefore detected within ping interval + pong timeout. The default is
+// DefaultPongTimeout (3s); it must be positive while heartbeats are on.
+func WithPongTimeout(d time.Duration) ClientOption {
+	return clientOption(func(o *clientOptions) { o.pongTimeout = d })
+}
+
+// WithDialTimeout bounds each TCP dial. The default is DefaultDialTimeout
+// (5s); negative means no limit beyond the operating system's.
+func WithDialTimeout(d time.Duration) ClientOption {
+	return clientOption(func(o *clientOptions) { o.dialTimeout = d })
+}
+
+// WithBackoff sets the delays between dial attempts. Zero fields take their
+// defaults from DefaultBackoff.
+func WithBackoff(b Backoff) ClientOption {
+	return clientOption(func(o *clientOptions) { o.backoff = b })
+}
+
+// WithMaxAttempts makes a client give up after n dial attempts in a row
+// have failed; it then closes itself with an error wrapping ErrGaveUp. An
+// attempt fails unless its connection completes the hello and receives a
+// first pong. The default, 0, retries forever.
+func WithMaxAttempts(n int) ClientOption {
+	return clientOption(func(o *clientOptions) { o.maxAttempts = n })
+}
+
+// WithDialFunc replaces the TCP dialer, for proxies, in-memory transports
+// and tests. The function must honour ctx. The default is a net.Dialer with
+// the dial timeout.
+func WithDialFunc(dial func(ctx context.Context, network, addr string) (net.Conn, error)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.dial = dial })
+}
+
+// WithOnConnect registers a callback run each time the client completes a
+// connection, with the server's address.
+func WithOnConnect(fn func(remote net.Addr)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onConnect = fn })
+}
+
+// WithOnDisconnect registers a callback run once for each lost connection,
+// with the cause.
+func WithOnDisconnect(fn func(err error)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onDisconnect = fn })
+}
+
+// WithOnMessage registers a callback run for each data frame the client
+// receives. msg is only valid until the callback returns: copy it to keep
+// it. The callback runs on the connection's reader, so while it runs no
+// further frames are read.
+func WithOnMessage(fn func(msg []byte)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onMessage = fn })
+}
+
+// WithOnReconnect registers a callback run before each wait between dial
+// attempts, with the attempt number about to be made (1 for the first
+// retry) and the delay before it.
+func WithOnReconnect(fn func(attempt int, delay time.Duration)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onReconnect = fn })
+}
+
+// WithOnPong registers a callback run for each pong, with the round-trip
+// time it measured.
+func WithOnPong(fn func(rtt time.Duration)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onPong = fn })
+}
+
+// WithOnClose registers a callback run once when the client stops for good:
+// with nil after Close, or with an error wrapping ErrGaveUp.
+func WithOnClose(fn func(err error)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onClose = fn })
+}
+
+// WithHeartbeatTimeout sets how long a server lets a connection stay silent
+// before it closes it as stale. Any frame counts, so it must exceed the
+// clients' ping interval; allow for two or three missed pings. The default
+// is DefaultHeartbeatTimeout (15s); negative turns stale detection off.
+func WithHeartbeatTimeout(d time.Duration) ServerOption {
+	return serverOption(func(o *serverOptions) { o.heartbeatTimeout = d })
+}
+
+// WithMaxConnections caps the number of live connections. A connection
+// accepted past the cap is sent a close frame and closed; existing ones are
+// unaffected. The default, 0, means no cap.
+func WithMaxConnections(n int) ServerOption {
+	return serverOption(func(o *serverOptions) { o.maxConns = n })
+}
+
+// WithHandler sets the function run for each data frame a server receives.
+// It runs on the connection's reader goroutine, so frames from one
+// connection are handled in order and one at a time; msg is only valid
+// until it returns. Reply with c.Send. By default data frames are dropped.
+func WithHandler(fn func(c *Conn, msg []byte)) ServerOption {
+	return serverOption(func(o *serverOptions) { o.handler = fn })
+}
+
+// WithOnConnOpen registers a callback run when a connection completes its
+// hello, before any of its frames reach the handler.
+func WithOnConnOpen(fn func(c *Conn)) ServerOption {
+	return serverOption(func(o *serverOptions) { o.onConnOpen = fn })
+}
+
+// WithOnConnClose registers a callback run once when an open connection
+// ends, with the cause, after its last frame was handled.
+func WithOnConnClose(fn func(c *Conn, err error)) ServerOption {
+	return serverOption(func(o *serverOptions) { o.onConnClose = fn })
+}
+
+// WithOnPing registers a callback run for each ping a server receives.
+func WithOnPing(fn func(c *Conn)) ServerOption {
+	return serverOption(func(o *serverOptions) { o.onPing = fn })
+}
+
+// withRand replaces the source of backoff jitter.
+func withRand(fn func() float64) ClientOption {
+	return clientOption(func(o *clientOptions) { o.rand = fn })
+}
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalidOption, fmt.Sprintf(format, args...))
+}
+
+// orDefault returns def for zero, 0 for negative ("off"), and d otherwise.
+func orDefault(d, def time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return def
+	case d < 0:
+		return 0
+	}
+	return d
+}
+
+func (o *commonOptions) resolve() error {
+	if o.logger == nil {
+		o.logger = logrus.StandardLogger()
+	}
+	switch {
+	case o.maxFrameSize == 0:
+		o.maxFrameSize = DefaultMaxFrameSize
+	case o.maxFrameSize < 0 || int64(o.maxFrameSize) > math.MaxUint32:
+		return invalid("max frame size %d is outside 1..%d", o.maxFrameSize, uint32(math.MaxUint32))
+	}
+	o.writeTimeout = orDefault(o.writeTimeout, DefaultWriteTimeout)
+	o.handshakeTimeout = orDefault(o.handshakeTimeout, DefaultHandshakeTimeout)
+	return nil
+}
+
+func newClientOptions(opts []ClientOption) (clientOptions, error) {
+	var o clientOptions
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyClient(&o)
+		}
+	}
+	if err := o.commonOptions.resolve(); err != nil {
+		return o, err
+	}
+	if o.pongTimeout < 0 && o.pingInterval >= 0 {
+		return o, invalid("pong timeout %v must be positive while heartbeats are on", o.pongTimeout)
+	}
+	o.pingInterval = orDefault(o.pingInterval, DefaultPingInterval)
+	o.pongTimeout = orDefault(o.pongTimeout, DefaultPongTimeout)
+	o.dialTimeout = orDefault(o.dialTimeout, DefaultDialTimeout)
+	if o.maxAttempts < 0 {
+		return o, invalid("max attempts %d is negative", o.maxAttempts)
+	}
+	b, err := o.backoff.resolve()
+	if err != nil {
+		return o, err
+	}
+	o.backoff = b
+	if o.dial == nil {
+		d := &net.Dialer{}
+		o.dial = d.DialContext
+	}
+	if o.rand == nil {
+		o.rand = rand.Float64
+	}
+	return o, nil
+}
+
+func newServerOptions(opts []ServerOption) (serverOptions, error) {
+	var o serverOptions
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyServer(&o)
+		}
+	}
+	if err := o.commonOptions.resolve(); err != nil {
+		return o, err
+	}
+	if o.tlsConfig != nil && len(o.tlsConfig.Certificates) == 0 &&
+		o.tlsConfig.GetCertificate == nil && o.tlsConfig.GetConfigForClient == nil {
+		return o, invalid("server TLS config has no certificate")
+	}
+	if o.maxConns < 0 {
+		return o, invalid("max connections %d is negative", o.maxConns)
+	}
+	o.heartbeatTimeout = orDefault(o.heartbeatTimeout, DefaultHeartbeatTimeout)
+	return o, nil
+}

@@ -1,0 +1,443 @@
+package vgo
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// A Server accepts vgo connections, answers their pings and hands their data
+// frames to the handler. Its lifecycle is net/http's: Serve until Shutdown
+// or Close, after which Serve returns ErrServerClosed.
+//
+// All methods are safe for concurrent use.
+type Server struct {
+	opts serverOptions
+	log  logrus.FieldLogger
+
+	nextID atomic.Uint64
+	wg     sync.WaitGroup // one count per connection goroutine
+	done   chan struct{}  // closed when Shutdown or Close begins
+
+	mu        sync.Mutex
+	closing   bool
+	listeners map[net.Listener]struct{}
+	conns     map[*Conn]struct{}
+	open      int // conns that have completed the hello
+}
+
+// NewServer returns a server configured by opts. It returns an error
+// wrapping ErrInvalidOption for a bad configuration.
+func NewServer(opts ...ServerOption) (*Server, error) {
+	o, err := newServerOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	return &Server{
+		opts:      o,
+		log:       o.logger,
+		done:      make(chan struct{}),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*Conn]struct{}),
+	}, nil
+}
+
+// ListenAndServe listens on the TCP address addr and calls Serve. It always
+// returns a non-nil error: ErrServerClosed after Shutdown or Close.
+func (s *Server) ListenAndServe(addr string) error {
+	if s.isClosing() {
+		return ErrServerClosed
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	return s.Serve(l)
+}
+
+// Serve accepts connections on l until Shutdown or Close, and closes l
+// before it returns. Temporary accept errors are retried after a short
+// delay that grows to a second. It always returns a non-nil error:
+// ErrServerClosed after Shutdown or Close.
+func (s *Server) Serve(l net.Listener) error {
+	if !s.trackListener(l) {
+		l.Close()
+		return ErrServerClosed
+	}
+	defer s.untrackListener(l)
+	s.log.WithField("local", l.Addr().String()).Info("listening")
+
+	var delay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosing() {
+				return ErrServerClosed
+			}
+			if !isTemporary(err) {
+				return err
+			}
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.WithFields(logrus.Fields{"delay": delay, "err": err}).Warn("accept failed; retrying")
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-s.done:
+				t.Stop()
+				return ErrServerClosed
+			}
+			continue
+		}
+		delay = 0
+		s.accept(nc)
+	}
+}
+
+// isTemporary reports whether an accept error is worth retrying, such as
+// running out of file descriptors.
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+// accept registers nc and starts its goroutine, or refuses it when the
+// server is at its connection limit or shutting down.
+func (s *Server) accept(nc net.Conn) {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if s.opts.maxConns > 0 && len(s.conns) >= s.opts.maxConns {
+		s.mu.Unlock()
+		s.refuse(nc)
+		return
+	}
+	c := &Conn{
+		id:     s.nextID.Add(1),
+		srv:    s,
+		remote: nc.RemoteAddr(),
+	}
+	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String()})
+	if s.opts.tlsConfig != nil {
+		nc = tls.Server(nc, s.opts.tlsConfig)
+	}
+	c.l = newLink(nc, &s.opts.commonOptions, ErrClosed)
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.serveConn(c)
+}
+
+// refuse tells a connection over the limit why it is closed, then closes
+// it. The close frame fits in an empty socket buffer, so the short deadline
+// only matters for a broken socket.
+func (s *Server) refuse(nc net.Conn) {
+	s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "max": s.opts.maxConns}).
+		Warn("connection refused: at max connections")
+	if s.opts.tlsConfig == nil {
+		if nc.SetWriteDeadline(time.Now().Add(closeFrameTimeout)) == nil {
+			// Best effort: the peer learns the reason if it can.
+			_, _ = nc.Write(appendFrame(nil, frameClose, marshalClose(CloseServerFull, "at max connections")))
+		}
+	}
+	nc.Close()
+}
+
+// serveConn runs one connection: handshake, then the read loop, then the
+// teardown, all on this one goroutine.
+func (s *Server) serveConn(c *Conn) {
+	defer s.wg.Done()
+	defer s.forget(c)
+
+	if err := s.handshake(c); err != nil {
+		c.log.WithField("err", err).Warn("handshake failed")
+		if errors.Is(err, ErrProtocol) {
+			c.l.closeWith(CloseProtocolError, err.Error(), err)
+		} else {
+			c.l.shutdown(err)
+		}
+		return
+	}
+	s.mu.Lock()
+	c.opened = true
+	s.open++
+	s.mu.Unlock()
+	c.log.Info("client connected")
+	if fn := s.opts.onConnOpen; fn != nil {
+		fn(c)
+	}
+
+	err := s.readLoop(c)
+	switch {
+	case errors.Is(err, ErrProtocol):
+		c.l.closeWith(CloseProtocolError, err.Error(), err)
+	case err != nil:
+		c.l.shutdown(err)
+	}
+	cause := c.l.cause()
+	log := c.log.WithField("err", cause)
+	switch {
+	case errors.Is(cause, ErrProtocol):
+		log.Warn("client disconnected: protocol error")
+	case errors.Is(cause, ErrHeartbeatTimeout):
+		log.Info("client disconnected: stale, no heartbeat")
+	default:
+		log.Info("client disconnected")
+	}
+	if fn := s.opts.onConnClose; fn != nil {
+		fn(c, cause)
+	}
+}
+
+// handshake runs the TLS handshake, if any, and the hello exchange within
+// the handshake timeout, so a peer that never speaks is dropped.
+func (s *Server) handshake(c *Conn) error {
+	var deadline time.Time
+	if s.opts.handshakeTimeout > 0 {
+		deadline = time.Now().Add(s.opts.handshakeTimeout)
+	}
+	if tc, ok := c.l.nc.(*tls.Conn); ok {
+		if err := tc.SetDeadline(deadline); err != nil {
+			return err
+		}
+		if err := tc.Handshake(); err != nil {
+			return handshakeError("TLS handshake", err)
+		}
+	}
+	c.l.rd.fixed = deadline
+	t, p, err := c.l.fr.next()
+	if err != nil {
+		return handshakeError("read hello", err)
+	}
+	if t != frameHello {
+		return fmt.Errorf("%w: expected hello, got %s frame", ErrProtocol, t)
+	}
+	h, err := parseHello(p)
+	if err != nil {
+		return err
+	}
+	if h.version != ProtocolVersion {
+		err := fmt.Errorf("%w: client speaks version %d, server %d", ErrProtocol, h.version, ProtocolVersion)
+		c.l.closeWith(CloseBadVersion, fmt.Sprintf("server speaks version %d", ProtocolVersion), err)
+		return err
+	}
+	if err := c.l.nc.SetWriteDeadline(deadline); err != nil {
+		return err
+	}
+	if _, err := c.l.nc.Write(appendFrame(nil, frameHello, hello{version: ProtocolVersion}.marshal())); err != nil {
+		return handshakeError("send hello", err)
+	}
+	c.l.rd.fixed = time.Time{}
+	c.l.rd.idle = s.opts.heartbeatTimeout
+	return nil
+}
+
+// readLoop reads frames until the connection fails, answering pings and
+// handing data frames to the handler. Every socket read carries the
+// heartbeat deadline, so a silent peer ends the loop with
+// ErrHeartbeatTimeout.
+func (s *Server) readLoop(c *Conn) error {
+	for {
+		t, p, err := c.l.fr.next()
+		if err != nil {
+			if c.l.cause() != nil {
+				return nil
+			}
+			return readError(err)
+		}
+		switch t {
+		case frameData:
+			if fn := s.opts.handler; fn != nil {
+				fn(c, p)
+			}
+		case framePing:
+			c.log.Debug("received ping")
+			if fn := s.opts.onPing; fn != nil {
+				fn(c)
+			}
+			if c.l.write(context.Background(), framePong, p) != nil {
+				return nil
+			}
+		case framePong:
+		case frameClose:
+			return parseClose(p)
+		default:
+			return fmt.Errorf("%w: unexpected %s frame", ErrProtocol, t)
+		}
+	}
+}
+
+func (s *Server) forget(c *Conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	if c.opened {
+		s.open--
+	}
+	s.mu.Unlock()
+}
+
+func (s *Server) isClosing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+func (s *Server) trackListener(l net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.listeners[l] = struct{}{}
+	return true
+}
+
+func (s *Server) untrackListener(l net.Listener) {
+	s.mu.Lock()
+	delete(s.listeners, l)
+	s.mu.Unlock()
+	l.Close()
+}
+
+// stop marks the server closing, closes its listeners and returns the
+// connections it has.
+func (s *Server) stop() []*Conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closing {
+		s.closing = true
+		close(s.done)
+	}
+	for l := range s.listeners {
+		l.Close()
+	}
+	conns := make([]*Conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// Close closes the listeners and every connection at once, without close
+// frames, and returns after every connection goroutine has exited (a
+// handler that never returns holds it up). Serve then returns
+// ErrServerClosed. Close is safe to call more than once.
+func (s *Server) Close() error {
+	for _, c := range s.stop() {
+		c.l.shutdown(ErrServerClosed)
+	}
+	s.wg.Wait()
+	return nil
+}
+
+// Shutdown stops the server gracefully: it stops accepting, sends every
+// connection a going-away close frame and closes it, then waits for the
+// connection goroutines to exit. If ctx ends first it returns ctx.Err();
+// call Close to finish the job. Serve returns ErrServerClosed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	for _, c := range s.stop() {
+		c.l.closeWith(CloseGoingAway, "server shutting down", ErrServerClosed)
+	}
+	// Poll rather than wait on s.wg in a goroutine, which would outlive
+	// Shutdown when ctx ends first.
+	poll := time.Millisecond
+	for {
+		s.mu.Lock()
+		n := len(s.conns)
+		s.mu.Unlock()
+		if n == 0 {
+			s.wg.Wait() // each goroutine is past forget, about to exit
+			return nil
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-t.C:
+			poll = min(2*poll, 50*time.Millisecond)
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		}
+	}
+}
+
+// Len returns the number of open connections: those that have completed
+// the hello and not yet closed.
+func (s *Server) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open
+}
+
+// Range calls fn for each open connection until fn returns false. It works
+// on a snapshot, so fn may call any method of the server or the connection.
+func (s *Server) Range(fn func(c *Conn) bool) {
+	s.mu.Lock()
+	conns := make([]*Conn, 0, s.open)
+	for c := range s.conns {
+		if c.opened {
+			conns = append(conns, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		if !fn(c) {
+			return
+		}
+	}
+}
+
+// Broadcast sends payload to every open connection and returns how many it
+// was written to. A connection whose write fails is torn down as by Send.
+func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
+	n := 0
+	s.Range(func(c *Conn) bool {
+		if c.Send(ctx, payload) == nil {
+			n++
+		}
+		return ctx.Err() == nil
+	})
+	return n
+}
+
+// A Conn is one client connection on a Server. Its methods are safe for
+// concurrent use, also from the handler.
+type Conn struct {
+	id     uint64
+	srv    *Server
+	remote net.Addr
+	log    logrus.FieldLogger
+	l      *link
+	opened bool // guarded by srv.mu
+}
+
+// ID returns the connection's number, unique within its server.
+func (c *Conn) ID() uint64 { return c.id }
+
+// RemoteAddr returns the client's address.
+func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// Send writes payload to the client as one data frame, with the same
+// guarantees as Client.Send. After the connection closed it returns
+// ErrClosed.
+func (c *Conn) Send(ctx context.Context, payload []byte) error {
+	if max := c.srv.opts.maxFrameSize; len(payload) > max {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(payload), max)
+	}
+	return c.l.write(ctx, frameData, payload)
+}
+
+// Close sends the client a close frame and closes the connection. It is
+// safe to call more than once.
+func (c *Conn) Close() error {
+	c.l.closeWith(CloseNormal, "closed by server", ErrClosed)
+	return nil
+}
