@@ -1,0 +1,620 @@
+package vgo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// rawServer accepts connections on a loopback port and runs handle on each
+// in its own goroutine. It stops accepting, closes every connection and
+// waits for the handlers when the test ends.
+type rawServer struct {
+	l       net.Listener
+	mu      sync.Mutex
+	conns   []net.Conn
+	wg      sync.WaitGroup
+	accepts chan time.Time
+}
+
+func newRawServer(t *testing.T, handle func(nc net.Conn)) *rawServer {
+	t.Helper()
+	rs := &rawServer{l: listen(t), accepts: make(chan time.Time, 1000)}
+	rs.wg.Go(func() {
+		for {
+			nc, err := rs.l.Accept()
+			if err != nil {
+				return
+			}
+			rs.accepts <- time.Now()
+			rs.mu.Lock()
+			rs.conns = append(rs.conns, nc)
+			rs.mu.Unlock()
+			rs.wg.Go(func() { handle(nc) })
+		}
+	})
+	t.Cleanup(func() {
+		rs.l.Close()
+		rs.mu.Lock()
+		for _, nc := range rs.conns {
+			nc.Close()
+		}
+		rs.mu.Unlock()
+		rs.wg.Wait()
+	})
+	return rs
+}
+
+func (rs *rawServer) addr() string { return rs.l.Addr().String() }
+
+// acceptHello reads the client's hello and answers it, as a server would.
+func acceptHello(nc net.Conn) (*frameReader, error) {
+	fr := newFrameReader(nc, DefaultMaxFrameSize)
+	t, _, err := fr.next()
+	if err != nil {
+		return nil, err
+	}
+	if t != frameHello {
+		return nil, fmt.Errorf("got %s frame, want hello", t)
+	}
+	_, err = nc.Write(rawHello(ProtocolVersion))
+	return fr, err
+}
+
+// drain reads until the connection fails.
+func drain(fr *frameReader) {
+	for {
+		if _, _, err := fr.next(); err != nil {
+			return
+		}
+	}
+}
+
+func echoHandler(t *testing.T) ServerOption {
+	return WithHandler(func(c *Conn, msg []byte) {
+		assert.NoError(t, c.Send(context.Background(), msg))
+	})
+}
+
+func TestClientConnectsAndExchangesMessages(t *testing.T) {
+	_, addr := startServer(t, echoHandler(t))
+	got := make(chan string, 1)
+	pongs := make(chan time.Duration, 100)
+	c := newTestClient(t, addr,
+		WithOnMessage(func(msg []byte) { got <- string(msg) }),
+		WithOnPong(func(rtt time.Duration) {
+			select {
+			case pongs <- rtt:
+			default:
+			}
+		}))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	assert.Equal(t, StateConnected, c.State())
+
+	require.NoError(t, c.Send(testContext(t), []byte("hello")))
+	assert.Equal(t, "hello", recv(t, got))
+	require.NoError(t, c.Send(testContext(t), nil))
+	assert.Equal(t, "", recv(t, got))
+
+	rtt := recv(t, pongs)
+	assert.Positive(t, rtt)
+	assert.Positive(t, c.RTT())
+	assert.Nil(t, c.Err())
+}
+
+func TestClientReconnectsAfterServerRestart(t *testing.T) {
+	l := listen(t)
+	addr := l.Addr().String()
+	s1, err := NewServer(WithLogger(quietLogger()))
+	require.NoError(t, err)
+	served := make(chan error, 1)
+	go func() { served <- s1.Serve(l) }()
+
+	connects := make(chan net.Addr, 10)
+	disconnects := make(chan error, 10)
+	c := newTestClient(t, addr,
+		WithOnConnect(func(remote net.Addr) { connects <- remote }),
+		WithOnDisconnect(func(err error) { disconnects <- err }))
+	assert.Equal(t, addr, recv(t, connects).String())
+
+	require.NoError(t, s1.Close())
+	require.ErrorIs(t, recv(t, served), ErrServerClosed)
+	require.Error(t, recv(t, disconnects))
+	require.Eventually(t, func() bool { return c.State() == StateReconnecting }, waitFor, time.Millisecond)
+	assert.ErrorIs(t, c.Send(testContext(t), []byte("x")), ErrNotConnected)
+
+	// The same address again, as a restarted server process would.
+	l2, err := net.Listen("tcp", addr)
+	require.NoError(t, err)
+	startServerOn(t, l2)
+	assert.Equal(t, addr, recv(t, connects).String())
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	select {
+	case err := <-disconnects:
+		t.Fatalf("unexpected second disconnect: %v", err)
+	default:
+	}
+}
+
+// startServerOn serves on l until the test ends.
+func startServerOn(t *testing.T, l net.Listener, opts ...ServerOption) *Server {
+	t.Helper()
+	s, err := NewServer(append([]ServerOption{WithLogger(quietLogger())}, opts...)...)
+	require.NoError(t, err)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(l) }()
+	t.Cleanup(func() {
+		require.NoError(t, s.Close())
+		require.ErrorIs(t, recv(t, served), ErrServerClosed)
+	})
+	return s
+}
+
+func TestBackoffDelay(t *testing.T) {
+	b, err := Backoff{BaseDelay: 100 * time.Millisecond, Multiplier: 2, Jitter: 0.5, MaxDelay: time.Second}.resolve()
+	require.NoError(t, err)
+	tests := []struct {
+		n    int
+		r    float64
+		want time.Duration
+	}{
+		{0, 0.5, 100 * time.Millisecond}, // the middle of the band is the raw delay
+		{1, 0.5, 200 * time.Millisecond},
+		{2, 0.5, 400 * time.Millisecond},
+		{3, 0.5, 800 * time.Millisecond},
+		{4, 0.5, time.Second}, // capped
+		{40, 0.5, time.Second},
+		{0, 0, 50 * time.Millisecond}, // the bottom of the band
+		{4, 0, 500 * time.Millisecond},
+		{4, 0.999, 1499 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("n=%d,r=%v", tt.n, tt.r), func(t *testing.T) {
+			assert.InDelta(t, float64(tt.want), float64(b.delay(tt.n, tt.r)), float64(time.Millisecond))
+		})
+	}
+}
+
+func TestBackoffDefaultsAndValidation(t *testing.T) {
+	b, err := Backoff{}.resolve()
+	require.NoError(t, err)
+	assert.Equal(t, defaultBackoff, b)
+
+	b, err = Backoff{Jitter: -1}.resolve()
+	require.NoError(t, err)
+	assert.Zero(t, b.Jitter, "negative jitter turns it off")
+	assert.Equal(t, time.Second, b.delay(0, 0.9))
+
+	b, err = Backoff{BaseDelay: time.Minute}.resolve()
+	require.NoError(t, err)
+	assert.Equal(t, time.Minute, b.MaxDelay, "the default cap never undercuts the base")
+
+	for _, bad := range []Backoff{
+		{BaseDelay: -time.Second},
+		{Multiplier: 0.5},
+		{Jitter: 1.5},
+		{BaseDelay: time.Second, MaxDelay: time.Millisecond},
+	} {
+		_, err := NewClient("127.0.0.1:1", WithBackoff(bad))
+		assert.ErrorIs(t, err, ErrInvalidOption, "%+v", bad)
+	}
+}
+
+func TestClientJitterSpreadsDelays(t *testing.T) {
+	// With the real random source, waits stay inside the band and differ.
+	o, err := newClientOptions(nil)
+	require.NoError(t, err)
+	seen := map[time.Duration]bool{}
+	for range 100 {
+		d := o.backoff.delay(0, o.rand())
+		require.GreaterOrEqual(t, d, 800*time.Millisecond)
+		require.LessOrEqual(t, d, 1200*time.Millisecond)
+		seen[d] = true
+	}
+	assert.Greater(t, len(seen), 50)
+}
+
+// gaps returns the time between successive accepts, reading n of them.
+func gaps(t *testing.T, rs *rawServer, n int) []time.Duration {
+	t.Helper()
+	prev := recv(t, rs.accepts)
+	var out []time.Duration
+	for range n {
+		next := recv(t, rs.accepts)
+		out = append(out, next.Sub(prev))
+		prev = next
+	}
+	return out
+}
+
+func TestClientBackoffAgainstAcceptThenDrop(t *testing.T) {
+	// A server that accepts and closes at once must see dials spaced by
+	// the growing backoff, not a storm: a TCP connect is not a success.
+	for _, tc := range []struct {
+		name   string
+		handle func(nc net.Conn)
+	}{
+		{"drop before hello", func(nc net.Conn) { nc.Close() }},
+		{"drop after hello", func(nc net.Conn) {
+			if _, err := acceptHello(nc); err == nil {
+				nc.Close()
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := newRawServer(t, tc.handle)
+			var attempts []int
+			var mu sync.Mutex
+			newTestClient(t, rs.addr(),
+				WithBackoff(Backoff{BaseDelay: 20 * time.Millisecond, Multiplier: 2, Jitter: -1, MaxDelay: time.Second}),
+				WithOnReconnect(func(attempt int, _ time.Duration) {
+					mu.Lock()
+					attempts = append(attempts, attempt)
+					mu.Unlock()
+				}))
+			got := gaps(t, rs, 4)
+			for i, g := range got {
+				want := 20 * time.Millisecond << i
+				assert.GreaterOrEqual(t, g, want, "gap %d: %v", i, got)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			assert.Equal(t, []int{2, 3, 4, 5}, attempts[:4])
+		})
+	}
+}
+
+func TestClientDetectsSilentPeer(t *testing.T) {
+	// The peer completes the hello, then reads everything and answers
+	// nothing, keeping the socket open: only the heartbeat can tell.
+	rs := newRawServer(t, func(nc net.Conn) {
+		if fr, err := acceptHello(nc); err == nil {
+			drain(fr)
+		}
+	})
+	const interval, timeout = 20 * time.Millisecond, 100 * time.Millisecond
+	connected := make(chan time.Time, 10)
+	disconnects := make(chan error, 10)
+	var disconnectedAt atomic.Int64
+	newTestClient(t, rs.addr(),
+		WithPingInterval(interval), WithPongTimeout(timeout),
+		WithOnConnect(func(net.Addr) { connected <- time.Now() }),
+		WithOnDisconnect(func(err error) {
+			disconnectedAt.Store(time.Now().UnixNano())
+			disconnects <- err
+		}))
+	start := recv(t, connected)
+	err := recv(t, disconnects)
+	require.ErrorIs(t, err, ErrHeartbeatTimeout)
+	var ne net.Error
+	require.ErrorAs(t, err, &ne)
+	assert.True(t, ne.Timeout())
+	took := time.Unix(0, disconnectedAt.Load()).Sub(start)
+	assert.GreaterOrEqual(t, took, timeout, "declared dead before the pong timeout")
+	t.Logf("silent peer detected after %v (bound interval+timeout = %v)", took, interval+timeout)
+
+	// And the client dials again.
+	recv(t, connected)
+}
+
+func TestClientAnswersServerPing(t *testing.T) {
+	pong := make(chan []byte, 1)
+	rs := newRawServer(t, func(nc net.Conn) {
+		fr, err := acceptHello(nc)
+		if err != nil {
+			return
+		}
+		if _, err := nc.Write(appendFrame(nil, framePing, []byte("abc"))); err != nil {
+			return
+		}
+		for {
+			typ, p, err := fr.next()
+			if err != nil {
+				return
+			}
+			if typ == framePong {
+				pong <- append([]byte(nil), p...)
+			}
+		}
+	})
+	newTestClient(t, rs.addr(), WithPingInterval(-1))
+	assert.Equal(t, []byte("abc"), recv(t, pong))
+}
+
+func TestClientSeesCloseFrame(t *testing.T) {
+	rs := newRawServer(t, func(nc net.Conn) {
+		if _, err := acceptHello(nc); err == nil {
+			_, _ = nc.Write(appendFrame(nil, frameClose, marshalClose(CloseGoingAway, "maintenance")))
+		}
+	})
+	disconnects := make(chan error, 10)
+	newTestClient(t, rs.addr(), WithOnDisconnect(func(err error) { disconnects <- err }))
+	var ce *CloseError
+	require.ErrorAs(t, recv(t, disconnects), &ce)
+	assert.Equal(t, CloseGoingAway, ce.Code)
+	assert.Equal(t, "maintenance", ce.Reason)
+	assert.Equal(t, "vgo: closed by peer: going away: maintenance", ce.Error())
+}
+
+func TestClientProtocolErrorFromServer(t *testing.T) {
+	rs := newRawServer(t, func(nc net.Conn) {
+		fr, err := acceptHello(nc)
+		if err != nil {
+			return
+		}
+		_, _ = nc.Write([]byte{0x7f, 0, 0, 0, 0})
+		drain(fr)
+	})
+	disconnects := make(chan error, 10)
+	newTestClient(t, rs.addr(), WithOnDisconnect(func(err error) { disconnects <- err }))
+	assert.ErrorIs(t, recv(t, disconnects), ErrProtocol)
+}
+
+func TestClientHandshakeTimeout(t *testing.T) {
+	// A server that accepts and never answers the hello.
+	rs := newRawServer(t, func(nc net.Conn) { drain(newFrameReader(nc, DefaultMaxFrameSize)) })
+	gaveUp := make(chan error, 1)
+	newTestClient(t, rs.addr(),
+		WithHandshakeTimeout(50*time.Millisecond),
+		WithMaxAttempts(1),
+		WithOnClose(func(err error) { gaveUp <- err }))
+	err := recv(t, gaveUp)
+	assert.ErrorIs(t, err, ErrGaveUp)
+	assert.ErrorIs(t, err, ErrHandshakeTimeout)
+}
+
+func TestClientGivesUpAfterMaxAttempts(t *testing.T) {
+	l := listen(t)
+	addr := l.Addr().String()
+	l.Close() // nothing listens here now
+
+	var reconnects []int
+	closed := make(chan error, 1)
+	c := newTestClient(t, addr,
+		WithMaxAttempts(3),
+		WithOnReconnect(func(attempt int, _ time.Duration) { reconnects = append(reconnects, attempt) }),
+		WithOnClose(func(err error) { closed <- err }))
+	err := recv(t, closed)
+	require.ErrorIs(t, err, ErrGaveUp)
+	<-c.Done()
+	assert.ErrorIs(t, c.Err(), ErrGaveUp)
+	assert.Equal(t, StateClosed, c.State())
+	assert.Equal(t, []int{2, 3}, reconnects)
+	assert.ErrorIs(t, c.Send(testContext(t), []byte("x")), ErrGaveUp)
+	assert.ErrorIs(t, c.WaitConnected(testContext(t)), ErrGaveUp)
+}
+
+func TestClientCloseInterruptsDial(t *testing.T) {
+	dialing := make(chan struct{})
+	dialErr := make(chan error, 1)
+	c := newTestClient(t, "127.0.0.1:1", WithDialFunc(func(ctx context.Context, _, _ string) (net.Conn, error) {
+		close(dialing)
+		<-ctx.Done()
+		dialErr <- ctx.Err()
+		return nil, ctx.Err()
+	}), WithDialTimeout(-1))
+	recv(t, dialing)
+	closeWithin(t, c, time.Second)
+	assert.ErrorIs(t, recv(t, dialErr), context.Canceled)
+}
+
+func TestClientCloseInterruptsBackoff(t *testing.T) {
+	l := listen(t)
+	addr := l.Addr().String()
+	l.Close()
+	waiting := make(chan time.Duration, 1)
+	c := newTestClient(t, addr,
+		WithBackoff(Backoff{BaseDelay: time.Hour}),
+		WithOnReconnect(func(_ int, d time.Duration) { waiting <- d }))
+	assert.Greater(t, recv(t, waiting), 30*time.Minute)
+	assert.Equal(t, StateConnecting, c.State())
+	closeWithin(t, c, time.Second)
+}
+
+func TestClientCloseInterruptsHandshake(t *testing.T) {
+	accepted := make(chan struct{}, 1)
+	rs := newRawServer(t, func(nc net.Conn) {
+		accepted <- struct{}{}
+		drain(newFrameReader(nc, DefaultMaxFrameSize))
+	})
+	c := newTestClient(t, rs.addr(), WithHandshakeTimeout(time.Hour))
+	recv(t, accepted)
+	closeWithin(t, c, time.Second)
+}
+
+// closeWithin closes c and fails if that takes longer than bound, which is
+// far above what Close needs but far below the waits it must interrupt.
+func closeWithin(t *testing.T, c *Client, bound time.Duration) {
+	t.Helper()
+	start := time.Now()
+	require.NoError(t, c.Close())
+	assert.Less(t, time.Since(start), bound)
+	assert.Equal(t, StateClosed, c.State())
+	assert.ErrorIs(t, c.Err(), ErrClosed)
+}
+
+func TestClientConcurrentSend(t *testing.T) {
+	const senders, perSender = 8, 200
+	var mu sync.Mutex
+	next := make(map[int]int)
+	var errs []string
+	done := make(chan struct{})
+	total := 0
+	_, addr := startServer(t, WithHandler(func(_ *Conn, msg []byte) {
+		var g, seq int
+		_, err := fmt.Sscanf(string(msg), "%d/%d", &g, &seq)
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil || seq != next[g] {
+			errs = append(errs, fmt.Sprintf("%q: want seq %d (%v)", msg, next[g], err))
+		}
+		next[g] = seq + 1
+		total++
+		if total == senders*perSender {
+			close(done)
+		}
+	}))
+	c := newTestClient(t, addr)
+	require.NoError(t, c.WaitConnected(testContext(t)))
+
+	var wg sync.WaitGroup
+	for g := range senders {
+		wg.Go(func() {
+			for seq := range perSender {
+				assert.NoError(t, c.Send(testContext(t), fmt.Appendf(nil, "%d/%d", g, seq)))
+			}
+		})
+	}
+	wg.Wait()
+	recv(t, done)
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Empty(t, errs, "each sender's messages arrive once and in order")
+}
+
+func TestClientSendErrors(t *testing.T) {
+	c, err := NewClient("127.0.0.1:1", WithLogger(quietLogger()), WithMaxFrameSize(8))
+	require.NoError(t, err)
+	assert.Equal(t, StateIdle, c.State())
+	assert.ErrorIs(t, c.Send(context.Background(), []byte("x")), ErrNotConnected)
+	assert.ErrorIs(t, c.Send(context.Background(), make([]byte, 9)), ErrFrameTooLarge)
+	require.NoError(t, c.Close())
+	require.NoError(t, c.Close(), "Close is idempotent")
+	c.Start() // after Close: no effect
+	assert.Equal(t, StateClosed, c.State())
+	assert.ErrorIs(t, c.Send(context.Background(), []byte("x")), ErrClosed)
+	assert.ErrorIs(t, c.WaitConnected(context.Background()), ErrClosed)
+}
+
+func TestClientOversizedSendKeepsConnection(t *testing.T) {
+	_, addr := startServer(t, echoHandler(t))
+	got := make(chan string, 1)
+	disconnects := make(chan error, 1)
+	c := newTestClient(t, addr, WithMaxFrameSize(16),
+		WithOnMessage(func(msg []byte) { got <- string(msg) }),
+		WithOnDisconnect(func(err error) { disconnects <- err }))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	assert.ErrorIs(t, c.Send(testContext(t), make([]byte, 17)), ErrFrameTooLarge)
+	require.NoError(t, c.Send(testContext(t), []byte("still here")))
+	assert.Equal(t, "still here", recv(t, got))
+	assert.Empty(t, disconnects)
+}
+
+func TestClientWaitConnectedHonoursContext(t *testing.T) {
+	rs := newRawServer(t, func(nc net.Conn) { nc.Close() })
+	c := newTestClient(t, rs.addr())
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	assert.ErrorIs(t, c.WaitConnected(ctx), context.DeadlineExceeded)
+}
+
+func TestClientSendContextWhileWriterBusy(t *testing.T) {
+	// A peer that never reads fills the socket buffers, so one Send blocks
+	// in its write while holding the writer; another Send must give up when
+	// its context ends rather than wait.
+	stop := make(chan struct{})
+	rs := newRawServer(t, func(nc net.Conn) {
+		if _, err := acceptHello(nc); err == nil {
+			<-stop
+		}
+	})
+	t.Cleanup(func() { close(stop) })
+	c := newTestClient(t, rs.addr(), WithPingInterval(-1), WithWriteTimeout(waitFor))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	blocked := make(chan error, 1)
+	go func() {
+		big := make([]byte, DefaultMaxFrameSize)
+		for {
+			if err := c.Send(context.Background(), big); err != nil {
+				blocked <- err
+				return
+			}
+		}
+	}()
+	require.Eventually(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		defer cancel()
+		return errors.Is(c.Send(ctx, []byte("x")), context.DeadlineExceeded)
+	}, waitFor, time.Millisecond)
+	closeWithin(t, c, 2*closeFrameTimeout+time.Second)
+	assert.Error(t, recv(t, blocked))
+}
+
+func TestClientCallbackOrder(t *testing.T) {
+	// connect, then the messages, then disconnect, then the reconnect
+	// attempt: in that order, for every connection.
+	var mu sync.Mutex
+	var events []string
+	record := func(e string) {
+		mu.Lock()
+		events = append(events, e)
+		mu.Unlock()
+	}
+	s, addr := startServer(t, WithOnConnOpen(func(c *Conn) {
+		for i := range 3 {
+			assert.NoError(t, c.Send(context.Background(), []byte{byte('0' + i)}))
+		}
+		assert.NoError(t, c.Close())
+	}))
+	_ = s
+	reconnected := make(chan struct{}, 10)
+	newTestClient(t, addr,
+		WithOnConnect(func(net.Addr) { record("connect") }),
+		WithOnMessage(func(msg []byte) { record("msg " + string(msg)) }),
+		WithOnDisconnect(func(error) { record("disconnect") }),
+		WithOnReconnect(func(int, time.Duration) {
+			record("reconnect")
+			reconnected <- struct{}{}
+		}))
+	recv(t, reconnected)
+	recv(t, reconnected)
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"connect", "msg 0", "msg 1", "msg 2", "disconnect", "reconnect"}
+	require.GreaterOrEqual(t, len(events), 2*len(want))
+	assert.Equal(t, append(want, want...), events[:2*len(want)])
+}
+
+func TestClientOptionValidation(t *testing.T) {
+	for name, tc := range map[string]struct {
+		addr string
+		opts []ClientOption
+	}{
+		"no port":               {"localhost", nil},
+		"empty address":         {"", nil},
+		"negative pong timeout": {"127.0.0.1:1", []ClientOption{WithPongTimeout(-time.Second)}},
+		"negative attempts":     {"127.0.0.1:1", []ClientOption{WithMaxAttempts(-1)}},
+		"negative frame size":   {"127.0.0.1:1", []ClientOption{WithMaxFrameSize(-1)}},
+		"frame size over 4 GiB": {"127.0.0.1:1", []ClientOption{WithMaxFrameSize(1 << 33)}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := NewClient(tc.addr, tc.opts...)
+			assert.ErrorIs(t, err, ErrInvalidOption)
+		})
+	}
+
+	// Heartbeats off: no pong timeout is needed.
+	c, err := NewClient("127.0.0.1:1", WithPingInterval(-1), WithPongTimeout(-1), nil)
+	require.NoError(t, err)
+	assert.Zero(t, c.opts.pingInterval)
+	assert.Equal(t, DefaultDialTimeout, c.opts.dialTimeout)
+	assert.Equal(t, DefaultWriteTimeout, c.opts.writeTimeout)
+	require.NoError(t, c.Close())
+}
+
+func TestStateString(t *testing.T) {
+	for s, want := range map[State]string{
+		StateIdle: "idle", StateConnecting: "connecting", StateConnected: "connected",
+		StateReconnecting: "reconnecting", StateClosed: "closed", State(42): "State(42)",
+	} {
+		assert.Equal(t, want, s.String())
+	}
+}

@@ -1,0 +1,89 @@
+package vgo_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vgonet/vgo"
+)
+
+// silent keeps the examples' output to what they print.
+func silent() *logrus.Logger {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return l
+}
+
+// A client that sends one message to an echo server and prints the reply.
+func ExampleClient() {
+	srv, _ := vgo.NewServer(
+		vgo.WithLogger(silent()),
+		vgo.WithHandler(func(c *vgo.Conn, msg []byte) {
+			_ = c.Send(context.Background(), msg)
+		}),
+	)
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	go srv.Serve(l)
+	defer srv.Close()
+
+	replies := make(chan string, 1)
+	client, err := vgo.NewClient(l.Addr().String(),
+		vgo.WithLogger(silent()),
+		vgo.WithPingInterval(time.Second),
+		vgo.WithOnMessage(func(msg []byte) {
+			replies <- string(msg) // msg is reused after the callback: copy it
+		}),
+	)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	client.Start()
+	defer client.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := client.WaitConnected(ctx); err != nil {
+		fmt.Println(err)
+		return
+	}
+	if err := client.Send(ctx, []byte("hello")); err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println(<-replies)
+	// Output: hello
+}
+
+// Shutdown tells connected clients the server is going away, then waits for
+// their connections to end.
+func ExampleServer_Shutdown() {
+	srv, _ := vgo.NewServer(vgo.WithLogger(silent()))
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+
+	causes := make(chan error, 1)
+	client, _ := vgo.NewClient(l.Addr().String(),
+		vgo.WithLogger(silent()),
+		vgo.WithOnDisconnect(func(err error) { causes <- err }),
+	)
+	client.Start()
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = client.WaitConnected(ctx)
+
+	fmt.Println("shutdown:", srv.Shutdown(ctx))
+	fmt.Println("serve:", <-served)
+	fmt.Println("client saw:", <-causes)
+	// Output:
+	// shutdown: <nil>
+	// serve: vgo: server closed
+	// client saw: vgo: closed by peer: going away: server shutting down
+}

@@ -1,0 +1,172 @@
+package vgo
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func header(t frameType, n uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{byte(t)}, n)
+}
+
+func TestFrameReader(t *testing.T) {
+	const max = 16
+	tests := []struct {
+		name    string
+		in      []byte
+		typ     frameType
+		payload []byte
+		err     error
+	}{
+		{"zero-length data", header(frameData, 0), frameData, []byte{}, nil},
+		{"max-length data", appendFrame(nil, frameData, bytes.Repeat([]byte{7}, max)), frameData, bytes.Repeat([]byte{7}, max), nil},
+		{"max+1 data", header(frameData, max+1), 0, nil, ErrFrameTooLarge},
+		{"4 GiB data", header(frameData, 0xFFFFFFFF), 0, nil, ErrFrameTooLarge},
+		{"ping", appendFrame(nil, framePing, []byte("12345678")), framePing, []byte("12345678"), nil},
+		{"oversized ping", header(framePing, maxPingSize+1), 0, nil, ErrProtocol},
+		{"oversized hello", header(frameHello, maxHelloSize+1), 0, nil, ErrProtocol},
+		{"unknown type", header(0x7f, 0), 0, nil, ErrProtocol},
+		{"type zero", header(0, 0), 0, nil, ErrProtocol},
+		{"empty stream", nil, 0, nil, io.EOF},
+		{"truncated header", []byte{byte(frameData), 0, 0}, 0, nil, io.ErrUnexpectedEOF},
+		{"truncated payload", append(header(frameData, 4), 1, 2), 0, nil, io.ErrUnexpectedEOF},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newFrameReader(bytes.NewReader(tt.in), max)
+			typ, p, err := r.next()
+			if tt.err != nil {
+				require.ErrorIs(t, err, tt.err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.typ, typ)
+			assert.Equal(t, string(tt.payload), string(p))
+		})
+	}
+}
+
+func TestFrameReaderSplitAndMergedReads(t *testing.T) {
+	// TCP may deliver several frames in one read or one frame across many:
+	// the reader must see the same frames either way.
+	var stream []byte
+	for i := range 50 {
+		stream = appendFrame(stream, frameData, bytes.Repeat([]byte{byte(i)}, i))
+	}
+	for _, chunk := range []int{1, 3, 7, len(stream)} {
+		r := newFrameReader(&chunkReader{data: stream, n: chunk}, 64)
+		for i := range 50 {
+			typ, p, err := r.next()
+			require.NoError(t, err, "chunk %d frame %d", chunk, i)
+			assert.Equal(t, frameData, typ)
+			assert.Equal(t, string(bytes.Repeat([]byte{byte(i)}, i)), string(p))
+		}
+		_, _, err := r.next()
+		assert.ErrorIs(t, err, io.EOF)
+	}
+}
+
+// chunkReader returns at most n bytes per Read.
+type chunkReader struct {
+	data []byte
+	n    int
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.n)], r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+func TestParseHello(t *testing.T) {
+	h, err := parseHello(hello{version: ProtocolVersion}.marshal())
+	require.NoError(t, err)
+	assert.Equal(t, uint8(ProtocolVersion), h.version)
+
+	// Fields a later version may add are skipped.
+	withFields := append(hello{version: 3}.marshal(), 0x10, 0, 2, 'h', 'i', 0x11, 0, 0)
+	h, err = parseHello(withFields)
+	require.NoError(t, err)
+	assert.Equal(t, uint8(3), h.version)
+
+	for name, p := range map[string][]byte{
+		"empty":           nil,
+		"magic only":      []byte("VGO"),
+		"wrong magic":     []byte("HTTP/1.1"),
+		"truncated field": append(hello{version: 1}.marshal(), 0x10, 0),
+		"field overruns":  append(hello{version: 1}.marshal(), 0x10, 0, 9, 'x'),
+	} {
+		_, err := parseHello(p)
+		assert.ErrorIs(t, err, ErrProtocol, name)
+	}
+}
+
+func TestCloseFrame(t *testing.T) {
+	ce := parseClose(marshalClose(CloseServerFull, "full"))
+	assert.Equal(t, &CloseError{Code: CloseServerFull, Reason: "full"}, ce)
+	assert.Equal(t, &CloseError{Code: CloseNormal}, parseClose(nil))
+	assert.Equal(t, "vgo: closed by peer: normal", parseClose(nil).Error())
+
+	long := marshalClose(CloseNormal, string(bytes.Repeat([]byte("x"), 2*maxReasonSize)))
+	assert.Len(t, long, 1+maxReasonSize, "a long reason is cut to fit the frame limit")
+
+	assert.Equal(t, "code 99", CloseCode(99).String())
+	assert.Equal(t, "0x7f", frameType(0x7f).String())
+}
+
+// FuzzFrameReader feeds arbitrary streams to the decoder: it must never
+// panic, never return a payload over its type's limit, and fail only with a
+// protocol error or an end of stream.
+func FuzzFrameReader(f *testing.F) {
+	f.Add(rawHello(ProtocolVersion))
+	f.Add(appendFrame(appendFrame(nil, framePing, []byte("12345678")), frameData, []byte("payload")))
+	f.Add(appendFrame(nil, frameClose, marshalClose(CloseGoingAway, "bye")))
+	f.Add(header(frameData, 0xFFFFFFFF))
+	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
+	const max = 1024
+	f.Fuzz(func(t *testing.T, in []byte) {
+		r := newFrameReader(bytes.NewReader(in), max)
+		for {
+			typ, p, err := r.next()
+			if err != nil {
+				if !errors.Is(err, ErrProtocol) && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Fatalf("unexpected error %v", err)
+				}
+				return
+			}
+			if len(p) > maxPayload(typ, max) {
+				t.Fatalf("%s payload of %d bytes over its limit", typ, len(p))
+			}
+		}
+	})
+}
+
+// FuzzParseHello checks that any hello payload parses or fails with a
+// protocol error, and that a valid one round-trips.
+func FuzzParseHello(f *testing.F) {
+	f.Add(hello{version: ProtocolVersion}.marshal())
+	f.Add(append(hello{version: 2}.marshal(), 0x10, 0, 2, 'h', 'i'))
+	f.Add([]byte("VGO"))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		h, err := parseHello(p)
+		if err != nil {
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("unexpected error %v", err)
+			}
+			return
+		}
+		again, err := parseHello(hello{version: h.version}.marshal())
+		if err != nil || again != h {
+			t.Fatalf("round trip of %+v gave %+v, %v", h, again, err)
+		}
+	})
+}
