@@ -618,3 +618,29 @@ func TestStateString(t *testing.T) {
 		assert.Equal(t, want, s.String())
 	}
 }
+
+func TestClientReportsJitteredDelays(t *testing.T) {
+	// With the random draw injected, the reported waits are exactly the
+	// backoff's: the bottom of the band, then the top.
+	l := listen(t)
+	addr := l.Addr().String()
+	l.Close()
+	draws := []float64{0, 0.999999, 0, 0.999999}
+	var i atomic.Int32
+	delays := make(chan time.Duration, 10)
+	b := Backoff{BaseDelay: 10 * time.Millisecond, Multiplier: 2, Jitter: 0.5, MaxDelay: 25 * time.Millisecond}
+	newTestClient(t, addr, WithBackoff(b), WithMaxAttempts(5),
+		withRand(func() float64 { return draws[int(i.Add(1)-1)%len(draws)] }),
+		WithOnReconnect(func(_ int, d time.Duration) { delays <- d }))
+	for _, want := range []time.Duration{5 * time.Millisecond, 30 * time.Millisecond, 12500 * time.Microsecond, 37500 * time.Microsecond} {
+		assert.InDelta(t, float64(want), float64(recv(t, delays)), float64(time.Microsecond))
+	}
+}
+
+func TestTimeoutErrorsAreNetErrors(t *testing.T) {
+	for _, err := range []error{ErrHeartbeatTimeout, ErrHandshakeTimeout} {
+		var ne net.Error
+		require.ErrorAs(t, err, &ne)
+		assert.True(t, ne.Timeout())
+	}
+}
