@@ -124,15 +124,18 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 	}
 }
 
-// Send writes payload as one data frame. It returns nil once the frame has
-// been handed to the operating system, which does not mean the server has
-// received it: if the connection dies, frames sent shortly before can be
-// lost with it.
+// Send sends payload as one data frame. Frames leave in the order Send was
+// called. It returns nil once the frame is queued on the connection (a
+// payload of 32 KiB or more: once it is written to the socket), which does
+// not mean the server has received it: frames sent shortly before the
+// connection dies are lost with it, and the loss is reported as the
+// disconnect, not by Send.
 //
 // While there is no connection Send fails at once with ErrNotConnected; after
-// the client stopped it returns Err. ctx bounds the wait for other writers;
-// the write itself is bounded by the write timeout, and a write that fails
-// tears the connection down. Send does not keep payload after it returns.
+// the client stopped it returns Err. ctx bounds the wait for room in the
+// connection's send queue (256 KiB); each write to the socket is bounded by
+// the write timeout, and a write that fails tears the connection down. Send
+// does not keep payload after it returns.
 func (c *Client) Send(ctx context.Context, payload []byte) error {
 	if len(payload) > c.opts.maxFrameSize {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(payload), c.opts.maxFrameSize)
@@ -252,6 +255,7 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 		l.closeWith(CloseNormal, "client closing", ErrClosed)
 	}
 	wg.Wait()
+	l.wait()
 	err := l.cause()
 
 	c.mu.Lock()
@@ -290,7 +294,9 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 		case framePong:
 			if rtt, ok := hb.pong(p); ok {
 				c.rtt.Store(int64(rtt))
-				c.log.WithField("rtt", rtt).Debug("pong")
+				if debugEnabled(c.log) {
+					c.log.WithField("rtt", rtt).Debug("pong")
+				}
 				if fn := c.opts.onPong; fn != nil {
 					fn(rtt)
 				}

@@ -2,6 +2,7 @@ package vgo
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -19,14 +20,28 @@ var errPeerClosed = fmt.Errorf("vgo: connection closed by peer: %w", io.EOF)
 // connection is torn down; the teardown must not wait on a slow peer.
 const closeFrameTimeout = 250 * time.Millisecond
 
-// largeWriteBuffer is the write buffer capacity above which a link drops its
-// buffer after a write, so a connection that once sent a big frame does not
-// hold the memory while idle.
-const largeWriteBuffer = 64 << 10
+// Frames wait in a per-connection queue that one flusher goroutine writes
+// out, so small frames sent close together leave in one system call. The
+// flusher runs only while the queue has frames: an idle connection has no
+// writer goroutine.
+const (
+	// sendQueueLimit is how many bytes of frames may wait for the socket
+	// before writers block.
+	sendQueueLimit = 64 << 10
+	// directWriteMin is the payload size from which a writer skips the
+	// queue and writes the frame itself once the queue has drained, to
+	// spare the copy.
+	directWriteMin = 32 << 10
+	// keepBufferMax is the largest queue buffer an idle connection keeps:
+	// enough for a full queue plus the frame that overflowed it, so a busy
+	// connection reuses its two buffers instead of growing new ones.
+	keepBufferMax = sendQueueLimit + directWriteMin + headerSize
+)
 
 // link is one framed connection, shared by the client and server sides: a
-// frame reader for the single reader goroutine, serialized writes with a
-// deadline, and a teardown that happens once and keeps its first cause.
+// frame reader for the single reader goroutine, ordered writes that each
+// carry a deadline, and a teardown that happens once and keeps its first
+// cause.
 type link struct {
 	nc           net.Conn
 	rd           *deadlineReader
@@ -35,10 +50,20 @@ type link struct {
 	// closedErr is what writes return once the link is down.
 	closedErr error
 
-	// wsem holds the write lock; a channel rather than a mutex so that a
-	// writer can give up waiting when its context ends.
-	wsem chan struct{}
-	wbuf []byte
+	// flushFn is l.flush, bound once so that starting the flusher does not
+	// allocate.
+	flushFn  func()
+	flushers sync.WaitGroup
+
+	mu       sync.Mutex
+	queue    []byte // frames waiting for the socket, in order
+	spare    []byte // the last written batch, reused as the next queue
+	writing  bool   // the flusher or a direct writer owns the socket
+	closed   bool   // set by shutdown: nothing more is queued
+	progress chan struct{}
+	hdr      [headerSize]byte
+	iov      [2][]byte   // header and payload of a direct write
+	bufs     net.Buffers // views iov; a field so WriteTo does not allocate
 
 	once sync.Once
 	done chan struct{}
@@ -47,21 +72,25 @@ type link struct {
 
 func newLink(nc net.Conn, o *commonOptions, closedErr error) *link {
 	rd := &deadlineReader{conn: nc}
-	return &link{
+	l := &link{
 		nc:           nc,
 		rd:           rd,
 		fr:           newFrameReader(rd, o.maxFrameSize),
 		writeTimeout: o.writeTimeout,
 		closedErr:    closedErr,
-		wsem:         make(chan struct{}, 1),
 		done:         make(chan struct{}),
 	}
+	l.flushFn = l.flush
+	return l
 }
 
 // shutdown tears the link down with cause err. Only the first call has an
-// effect; it returns the cause that won.
+// effect; it returns the cause that won. The owner then calls wait.
 func (l *link) shutdown(err error) error {
 	l.once.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
 		l.err = err
 		l.nc.Close()
 		close(l.done)
@@ -69,6 +98,9 @@ func (l *link) shutdown(err error) error {
 	<-l.done
 	return l.err
 }
+
+// wait returns once the flusher has exited; call it after shutdown.
+func (l *link) wait() { l.flushers.Wait() }
 
 // cause returns why the link went down, or nil while it is up.
 func (l *link) cause() error {
@@ -80,44 +112,150 @@ func (l *link) cause() error {
 	}
 }
 
-// write sends one frame. ctx bounds only the wait for the write lock: once
-// the frame is being written the write timeout applies, because abandoning a
-// half-written frame would corrupt the stream. A failed write tears the link
+// write sends one frame, after every frame written before it. A small frame
+// is queued and write returns at once; the flusher writes it with the write
+// timeout. A large one is written by the caller once the queue has drained,
+// and write returns when it is on the socket. ctx bounds only the wait for
+// room in the queue or for the socket: a frame is never abandoned half
+// written, which would corrupt the stream. A failed write tears the link
 // down.
 func (l *link) write(ctx context.Context, t frameType, payload []byte) error {
-	select {
-	case l.wsem <- struct{}{}:
-	case <-l.done:
-		return l.closedErr
-	case <-ctx.Done():
-		return ctx.Err()
+	if len(payload) >= directWriteMin {
+		return l.writeDirect(ctx, t, payload)
 	}
-	defer func() { <-l.wsem }()
-	if l.cause() != nil {
+	need := headerSize + len(payload)
+	l.mu.Lock()
+	for !l.closed && len(l.queue) > 0 && len(l.queue)+need > sendQueueLimit {
+		if err := l.waitLocked(ctx); err != nil {
+			return err
+		}
+	}
+	if l.closed {
+		l.mu.Unlock()
 		return l.closedErr
 	}
-	if err := l.writeFrame(t, payload, l.writeTimeout); err != nil {
+	l.queue = appendFrame(l.queue, t, payload)
+	if !l.writing {
+		l.startFlusherLocked()
+	}
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *link) startFlusherLocked() {
+	l.writing = true
+	l.flushers.Add(1)
+	go l.flushFn()
+}
+
+// writeDirect writes a frame from the caller's goroutine, without copying
+// the payload, once the queue ahead of it has drained.
+func (l *link) writeDirect(ctx context.Context, t frameType, payload []byte) error {
+	l.mu.Lock()
+	for !l.closed && (l.writing || len(l.queue) > 0) {
+		if err := l.waitLocked(ctx); err != nil {
+			return err
+		}
+	}
+	if l.closed {
+		l.mu.Unlock()
+		return l.closedErr
+	}
+	l.writing = true
+	l.mu.Unlock()
+
+	l.hdr[0] = byte(t)
+	binary.BigEndian.PutUint32(l.hdr[1:], uint32(len(payload)))
+	l.iov = [2][]byte{l.hdr[:], payload}
+	err := l.nc.SetWriteDeadline(l.writeDeadline())
+	if err == nil {
+		// One writev for both, without copying the payload.
+		l.bufs = l.iov[:]
+		_, err = l.bufs.WriteTo(l.nc)
+	}
+	l.iov, l.bufs = [2][]byte{}, nil // do not keep the caller's payload
+
+	l.mu.Lock()
+	l.writing = false
+	if err == nil && !l.closed && len(l.queue) > 0 {
+		l.startFlusherLocked()
+	}
+	l.signalLocked()
+	l.mu.Unlock()
+	if err != nil {
 		return l.fail(fmt.Errorf("vgo: write %s frame: %w", t, err))
 	}
 	return nil
 }
 
-// writeFrame writes one frame with the given timeout (0 for none). The
-// caller holds the write lock.
-func (l *link) writeFrame(t frameType, payload []byte, timeout time.Duration) error {
-	l.wbuf = appendFrame(l.wbuf[:0], t, payload)
-	var deadline time.Time
-	if timeout > 0 {
-		deadline = time.Now().Add(timeout)
+// flush writes the queue out, a batch per system call, until it is empty.
+func (l *link) flush() {
+	defer l.flushers.Done()
+	l.mu.Lock()
+	for len(l.queue) > 0 && !l.closed {
+		batch := l.queue
+		l.queue = l.spare[:0]
+		l.spare = nil
+		l.signalLocked()
+		l.mu.Unlock()
+
+		err := l.nc.SetWriteDeadline(l.writeDeadline())
+		if err == nil {
+			_, err = l.nc.Write(batch)
+		}
+
+		l.mu.Lock()
+		l.spare = batch[:0]
+		if err != nil {
+			l.writing = false
+			l.mu.Unlock()
+			l.shutdown(fmt.Errorf("vgo: write: %w", err))
+			return
+		}
 	}
-	if err := l.nc.SetWriteDeadline(deadline); err != nil {
-		return err
+	l.writing = false
+	if cap(l.queue) > keepBufferMax {
+		l.queue = nil
 	}
-	_, err := l.nc.Write(l.wbuf)
-	if cap(l.wbuf) > largeWriteBuffer {
-		l.wbuf = nil
+	if cap(l.spare) > keepBufferMax {
+		l.spare = nil
 	}
-	return err
+	l.signalLocked()
+	l.mu.Unlock()
+}
+
+func (l *link) writeDeadline() time.Time {
+	if l.writeTimeout <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(l.writeTimeout)
+}
+
+// waitLocked waits for the flusher to make progress. It is called with l.mu
+// held and returns with it held, except on error, when it has released it.
+func (l *link) waitLocked(ctx context.Context) error {
+	if l.progress == nil {
+		l.progress = make(chan struct{})
+	}
+	progress := l.progress
+	l.mu.Unlock()
+	select {
+	case <-progress:
+	case <-l.done:
+		return l.closedErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	l.mu.Lock()
+	return nil
+}
+
+// signalLocked wakes the writers waiting for progress, if any.
+func (l *link) signalLocked() {
+	if l.progress != nil {
+		close(l.progress)
+		l.progress = nil
+	}
 }
 
 // fail tears the link down after a write error and returns the error the
@@ -129,22 +267,21 @@ func (l *link) fail(err error) error {
 	return err
 }
 
-// closeWith sends a best-effort close frame, then tears the link down. It
-// does not wait long for the write lock: a writer stuck on a dead peer must
-// not stall the teardown.
+// closeWith sends a close frame, waits a short while for it to leave, then
+// tears the link down. A writer stuck on a dead peer must not stall the
+// teardown, so the wait is bounded.
 func (l *link) closeWith(code CloseCode, reason string, cause error) {
-	timer := time.NewTimer(closeFrameTimeout)
-	defer timer.Stop()
-	select {
-	case l.wsem <- struct{}{}:
-		if l.cause() == nil {
-			// The write's own error is of no interest: the link is
-			// going down either way, with cause.
-			_ = l.writeFrame(frameClose, marshalClose(code, reason), closeFrameTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), closeFrameTimeout)
+	defer cancel()
+	if l.write(ctx, frameClose, marshalClose(code, reason)) == nil {
+		l.mu.Lock()
+		for l.writing || len(l.queue) > 0 {
+			if l.waitLocked(ctx) != nil {
+				l.shutdown(cause)
+				return
+			}
 		}
-		<-l.wsem
-	case <-l.done:
-	case <-timer.C:
+		l.mu.Unlock()
 	}
 	l.shutdown(cause)
 }

@@ -82,8 +82,7 @@ func maxPayload(t frameType, maxData int) int {
 type frameReader struct {
 	br      *bufio.Reader
 	maxData int
-	hdr     [headerSize]byte
-	buf     []byte
+	buf     []byte // for payloads larger than br's buffer
 }
 
 func newFrameReader(r io.Reader, maxData int) *frameReader {
@@ -95,11 +94,15 @@ func newFrameReader(r io.Reader, maxData int) *frameReader {
 // ends cleanly between frames returns io.EOF; one that ends inside a frame
 // returns io.ErrUnexpectedEOF.
 func (r *frameReader) next() (frameType, []byte, error) {
-	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+	hdr, err := r.br.Peek(headerSize)
+	if err != nil {
+		if len(hdr) > 0 && errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
 		return 0, nil, err
 	}
-	t := frameType(r.hdr[0])
-	n := binary.BigEndian.Uint32(r.hdr[1:])
+	t := frameType(hdr[0])
+	n := binary.BigEndian.Uint32(hdr[1:])
 	limit := maxPayload(t, r.maxData)
 	if limit < 0 {
 		return 0, nil, fmt.Errorf("%w: unknown frame type %s", ErrProtocol, t)
@@ -111,11 +114,22 @@ func (r *frameReader) next() (frameType, []byte, error) {
 		}
 		return 0, nil, err
 	}
-	if cap(r.buf) < int(n) {
-		r.buf = make([]byte, n)
+	_, _ = r.br.Discard(headerSize) // cannot fail: the bytes are buffered
+	var p []byte
+	if int(n) <= r.br.Size() {
+		// Small frames are handed out straight from the read buffer.
+		p, err = r.br.Peek(int(n))
+		if err == nil {
+			_, _ = r.br.Discard(int(n))
+		}
+	} else {
+		if cap(r.buf) < int(n) {
+			r.buf = make([]byte, n)
+		}
+		p = r.buf[:n]
+		_, err = io.ReadFull(r.br, p)
 	}
-	p := r.buf[:n]
-	if _, err := io.ReadFull(r.br, p); err != nil {
+	if err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}

@@ -346,3 +346,15 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	o.heartbeatTimeout = orDefault(o.heartbeatTimeout, DefaultHeartbeatTimeout)
 	return o, nil
 }
+
+// debugEnabled reports whether log would print a debug line, so that the
+// fields of per-frame debug lines are only built when they are printed.
+func debugEnabled(log logrus.FieldLogger) bool {
+	switch l := log.(type) {
+	case *logrus.Entry:
+		return l.Logger.IsLevelEnabled(logrus.DebugLevel)
+	case *logrus.Logger:
+		return l.IsLevelEnabled(logrus.DebugLevel)
+	}
+	return true
+}

@@ -157,6 +157,7 @@ func (s *Server) refuse(nc net.Conn) {
 func (s *Server) serveConn(c *Conn) {
 	defer s.wg.Done()
 	defer s.forget(c)
+	defer c.l.wait() // every path below shuts the link down first
 
 	if err := s.handshake(c); err != nil {
 		c.log.WithField("err", err).Warn("handshake failed")
@@ -260,7 +261,9 @@ func (s *Server) readLoop(c *Conn) error {
 				fn(c, p)
 			}
 		case framePing:
-			c.log.Debug("received ping")
+			if debugEnabled(c.log) {
+				c.log.Debug("received ping")
+			}
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
 			}
