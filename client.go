@@ -2,6 +2,7 @@ package vgo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -133,7 +134,7 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 //
 // While there is no connection Send fails at once with ErrNotConnected; after
 // the client stopped it returns Err. ctx bounds the wait for room in the
-// connection's send queue (256 KiB); each write to the socket is bounded by
+// connection's send queue (64 KiB); each write to the socket is bounded by
 // the write timeout, and a write that fails tears the connection down. Send
 // does not keep payload after it returns.
 func (c *Client) Send(ctx context.Context, payload []byte) error {
@@ -184,7 +185,9 @@ func (c *Client) Err() error {
 // Close stops the client: it interrupts a dial or a backoff wait at once,
 // sends the server a close frame if connected, and returns once every
 // goroutine the client started has exited. It is safe to call more than
-// once; it always returns nil.
+// once; it always returns nil. Because it waits for the client's
+// goroutines, calling it from one of the client's callbacks deadlocks: from
+// there, call it in a new goroutine.
 func (c *Client) Close() error {
 	c.cancel()
 	c.mu.Lock()
@@ -277,6 +280,10 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 func (c *Client) readLoop(l *link, hb *heartbeat) {
 	for {
 		t, p, err := l.fr.next()
+		if errors.Is(err, ErrProtocol) {
+			l.closeWith(CloseProtocolError, err.Error(), err)
+			return
+		}
 		if err != nil {
 			l.shutdown(readError(err))
 			return

@@ -344,17 +344,63 @@ func TestClientSeesCloseFrame(t *testing.T) {
 }
 
 func TestClientProtocolErrorFromServer(t *testing.T) {
+	// The client answers a broken frame with a close frame that says why.
+	told := make(chan *CloseError, 1)
 	rs := newRawServer(t, func(nc net.Conn) {
 		fr, err := acceptHello(nc)
 		if err != nil {
 			return
 		}
 		_, _ = nc.Write([]byte{0x7f, 0, 0, 0, 0})
-		drain(fr)
+		for {
+			typ, p, err := fr.next()
+			if err != nil {
+				return
+			}
+			if typ == frameClose {
+				told <- parseClose(p)
+			}
+		}
 	})
 	disconnects := make(chan error, 10)
 	newTestClient(t, rs.addr(), WithOnDisconnect(func(err error) { disconnects <- err }))
 	assert.ErrorIs(t, recv(t, disconnects), ErrProtocol)
+	ce := recv(t, told)
+	assert.Equal(t, CloseProtocolError, ce.Code)
+	assert.Contains(t, ce.Reason, "unknown frame type 0x7f")
+}
+
+func TestClientLargeSendNotStarvedBySmallOnes(t *testing.T) {
+	// A steady stream of small frames must not keep a large one, which
+	// waits for the queue to drain, from ever going out.
+	bigs := make(chan int, 1)
+	_, addr := startServer(t, WithHandler(func(_ *Conn, msg []byte) {
+		if len(msg) > 1 {
+			bigs <- len(msg)
+		}
+	}))
+	c := newTestClient(t, addr)
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if c.Send(context.Background(), []byte("s")) != nil {
+					return
+				}
+			}
+		})
+	}
+	defer wg.Wait()
+	defer close(stop)
+	require.NoError(t, c.Send(testContext(t), make([]byte, 2*directWriteMin)))
+	assert.Equal(t, 2*directWriteMin, recv(t, bigs))
 }
 
 func TestClientHandshakeTimeout(t *testing.T) {

@@ -60,6 +60,8 @@ type link struct {
 	spare    []byte // the last written batch, reused as the next queue
 	writing  bool   // the flusher or a direct writer owns the socket
 	closed   bool   // set by shutdown: nothing more is queued
+	closing  error  // the cause closeWith will shut down with
+	directs  int    // direct writers waiting: queued writes hold back for them
 	progress chan struct{}
 	hdr      [headerSize]byte
 	iov      [2][]byte   // header and payload of a direct write
@@ -90,6 +92,11 @@ func (l *link) shutdown(err error) error {
 	l.once.Do(func() {
 		l.mu.Lock()
 		l.closed = true
+		if l.closing != nil {
+			// The peer may hang up on our close frame before closeWith
+			// gets here; the disconnect is still ours.
+			err = l.closing
+		}
 		l.mu.Unlock()
 		l.err = err
 		l.nc.Close()
@@ -125,7 +132,7 @@ func (l *link) write(ctx context.Context, t frameType, payload []byte) error {
 	}
 	need := headerSize + len(payload)
 	l.mu.Lock()
-	for !l.closed && len(l.queue) > 0 && len(l.queue)+need > sendQueueLimit {
+	for !l.closed && (l.directs > 0 || len(l.queue) > 0 && len(l.queue)+need > sendQueueLimit) {
 		if err := l.waitLocked(ctx); err != nil {
 			return err
 		}
@@ -152,12 +159,19 @@ func (l *link) startFlusherLocked() {
 // the payload, once the queue ahead of it has drained.
 func (l *link) writeDirect(ctx context.Context, t frameType, payload []byte) error {
 	l.mu.Lock()
+	l.directs++
 	for !l.closed && (l.writing || len(l.queue) > 0) {
 		if err := l.waitLocked(ctx); err != nil {
+			l.mu.Lock()
+			l.directs--
+			l.signalLocked()
+			l.mu.Unlock()
 			return err
 		}
 	}
+	l.directs--
 	if l.closed {
+		l.signalLocked()
 		l.mu.Unlock()
 		return l.closedErr
 	}
@@ -271,6 +285,11 @@ func (l *link) fail(err error) error {
 // tears the link down. A writer stuck on a dead peer must not stall the
 // teardown, so the wait is bounded.
 func (l *link) closeWith(code CloseCode, reason string, cause error) {
+	l.mu.Lock()
+	if !l.closed && l.closing == nil {
+		l.closing = cause
+	}
+	l.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), closeFrameTimeout)
 	defer cancel()
 	if l.write(ctx, frameClose, marshalClose(code, reason)) == nil {
@@ -299,30 +318,37 @@ func readError(err error) error {
 	return err
 }
 
-// deadlineReader sets a read deadline before every read of the socket, so
+// deadlineReader sets the read deadline before each read of the socket, so
 // that silence is detected without a timer goroutine per connection. While
-// fixed is set (during the handshake) every read shares that deadline;
-// afterwards each read may block for at most idle, or forever when idle is 0.
+// fixed is set (during the handshake) every read shares that deadline.
+// Afterwards, with idle set, the deadline is idle after the last read that
+// followed a complete frame: bytes that never make up a frame do not push it
+// forward, so a peer cannot stay alive by trickling them.
 type deadlineReader struct {
 	conn  net.Conn
 	fixed time.Time
 	idle  time.Duration
-	armed bool // a deadline is in force on conn
+	// frames counts the frames decoded so far; the frame reader keeps it.
+	frames uint64
+	seen   uint64    // frames at the last push of the deadline
+	next   time.Time // the idle deadline
+	set    time.Time // the deadline in force on conn
 }
 
 func (r *deadlineReader) Read(p []byte) (int, error) {
-	var deadline time.Time
-	switch {
-	case !r.fixed.IsZero():
-		deadline = r.fixed
-	case r.idle > 0:
-		deadline = time.Now().Add(r.idle)
+	deadline := r.fixed
+	if deadline.IsZero() && r.idle > 0 {
+		if r.next.IsZero() || r.frames != r.seen {
+			r.seen = r.frames
+			r.next = time.Now().Add(r.idle)
+		}
+		deadline = r.next
 	}
-	if !deadline.IsZero() || r.armed {
+	if !deadline.Equal(r.set) {
 		if err := r.conn.SetReadDeadline(deadline); err != nil {
 			return 0, err
 		}
-		r.armed = !deadline.IsZero()
+		r.set = deadline
 	}
 	return r.conn.Read(p)
 }

@@ -44,7 +44,8 @@
 // returns.
 //
 // Close on a Client or Server returns only after every goroutine it started
-// has exited.
+// has exited, so it must not be called from that client's or server's own
+// callbacks; Conn.Close may be.
 //
 // # Errors
 //

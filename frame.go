@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"unicode/utf8"
 )
 
 // The wire format is documented byte by byte in PROTOCOL.md; keep the two
@@ -82,11 +83,16 @@ func maxPayload(t frameType, maxData int) int {
 type frameReader struct {
 	br      *bufio.Reader
 	maxData int
-	buf     []byte // for payloads larger than br's buffer
+	buf     []byte  // for payloads larger than br's buffer
+	count   *uint64 // incremented for each frame decoded, if set
 }
 
 func newFrameReader(r io.Reader, maxData int) *frameReader {
-	return &frameReader{br: bufio.NewReader(r), maxData: maxData}
+	fr := &frameReader{br: bufio.NewReader(r), maxData: maxData}
+	if dr, ok := r.(*deadlineReader); ok {
+		fr.count = &dr.frames
+	}
+	return fr
 }
 
 // next reads one frame. It checks the type and the announced length before
@@ -135,6 +141,9 @@ func (r *frameReader) next() (frameType, []byte, error) {
 		}
 		return 0, nil, err
 	}
+	if r.count != nil {
+		*r.count++
+	}
 	return t, p, nil
 }
 
@@ -180,7 +189,11 @@ func parseHello(p []byte) (hello, error) {
 
 func marshalClose(code CloseCode, reason string) []byte {
 	if len(reason) > maxReasonSize {
-		reason = reason[:maxReasonSize]
+		cut := maxReasonSize
+		for cut > 0 && !utf8.RuneStart(reason[cut]) {
+			cut--
+		}
+		reason = reason[:cut]
 	}
 	return append([]byte{byte(code)}, reason...)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -118,6 +119,9 @@ func TestCloseFrame(t *testing.T) {
 
 	long := marshalClose(CloseNormal, string(bytes.Repeat([]byte("x"), 2*maxReasonSize)))
 	assert.Len(t, long, 1+maxReasonSize, "a long reason is cut to fit the frame limit")
+	wide := marshalClose(CloseNormal, "x"+string(bytes.Repeat([]byte("é"), maxReasonSize)))
+	assert.True(t, utf8.Valid(wide[1:]), "the cut does not split a character")
+	assert.Len(t, wide, maxReasonSize, "one byte short, to end on a character boundary")
 
 	assert.Equal(t, "code 99", CloseCode(99).String())
 	assert.Equal(t, "0x7f", frameType(0x7f).String())

@@ -332,8 +332,9 @@ func (s *Server) stop() []*Conn {
 
 // Close closes the listeners and every connection at once, without close
 // frames, and returns after every connection goroutine has exited (a
-// handler that never returns holds it up). Serve then returns
-// ErrServerClosed. Close is safe to call more than once.
+// handler that never returns holds it up, and so calling Close from a
+// handler or callback deadlocks). Serve then returns ErrServerClosed. Close
+// is safe to call more than once.
 func (s *Server) Close() error {
 	for _, c := range s.stop() {
 		c.l.shutdown(ErrServerClosed)
@@ -345,7 +346,8 @@ func (s *Server) Close() error {
 // Shutdown stops the server gracefully: it stops accepting, sends every
 // connection a going-away close frame and closes it, then waits for the
 // connection goroutines to exit. If ctx ends first it returns ctx.Err();
-// call Close to finish the job. Serve returns ErrServerClosed.
+// call Close to finish the job. Serve returns ErrServerClosed. Like Close,
+// it must not be called from a handler or callback.
 func (s *Server) Shutdown(ctx context.Context) error {
 	for _, c := range s.stop() {
 		c.l.closeWith(CloseGoingAway, "server shutting down", ErrServerClosed)
