@@ -1,0 +1,117 @@
+// Command server runs a vgo echo server: it sends every data frame back to
+// the client that sent it, and closes clients that stay silent for longer
+// than -timeout. It runs until SIGINT or SIGTERM, then shuts down
+// gracefully.
+//
+// Usage:
+//
+//	go run ./examples/server -addr :9966 -timeout 15s
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/vgonet/vgo"
+)
+
+// shutdownTimeout bounds the graceful shutdown; connections still open
+// after it are closed without waiting further.
+const shutdownTimeout = 5 * time.Second
+
+func main() {
+	addr := flag.String("addr", ":9966", "TCP address to listen on")
+	timeout := flag.Duration("timeout", vgo.DefaultHeartbeatTimeout,
+		"close a client after this long without hearing from it; keep it above the clients' ping interval")
+	flag.Parse()
+
+	log := newLogger(logrus.InfoLevel)
+	if err := run(*addr, *timeout, log); err != nil {
+		log.WithField("err", err).Error("server failed")
+		os.Exit(1)
+	}
+}
+
+func run(addr string, timeout time.Duration, log *logrus.Logger) error {
+	srv, err := vgo.NewServer(
+		// vgo logs every connect and disconnect at info level itself. The
+		// callbacks below log those events instead, so vgo's own logger
+		// only lets warnings through: failed handshakes, refused and
+		// misbehaving peers, accept errors.
+		vgo.WithLogger(newLogger(logrus.WarnLevel)),
+		vgo.WithHeartbeatTimeout(timeout),
+		vgo.WithOnConnOpen(func(c *vgo.Conn) {
+			connLog(log, c).Info("client connected")
+		}),
+		vgo.WithOnConnClose(func(c *vgo.Conn, err error) {
+			// vgo has already logged this one at warn level.
+			if errors.Is(err, vgo.ErrProtocol) {
+				return
+			}
+			connLog(log, c).WithField("err", err).Info("client disconnected")
+		}),
+		vgo.WithOnPing(func(c *vgo.Conn) {
+			connLog(log, c).Info("received ping")
+		}),
+		vgo.WithHandler(func(c *vgo.Conn, msg []byte) {
+			// A failed send closes the connection, and the close callback
+			// logs the cause.
+			_ = c.Send(context.Background(), msg)
+		}),
+	)
+	if err != nil {
+		return err
+	}
+
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	log.WithFields(logrus.Fields{"addr": l.Addr().String(), "timeout": timeout}).Info("listening")
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	}
+
+	log.WithField("timeout", shutdownTimeout).Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.WithField("err", err).Warn("graceful shutdown did not finish; closing the remaining connections")
+		srv.Close()
+	}
+	if err := <-served; !errors.Is(err, vgo.ErrServerClosed) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// newLogger returns a logger writing text lines with millisecond
+// timestamps to stderr.
+func newLogger(level logrus.Level) *logrus.Logger {
+	l := logrus.New()
+	l.SetLevel(level)
+	l.SetFormatter(&logrus.TextFormatter{
+		FullTimestamp:   true,
+		TimestampFormat: "2006-01-02T15:04:05.000Z07:00",
+	})
+	return l
+}
+
+func connLog(log logrus.FieldLogger, c *vgo.Conn) logrus.FieldLogger {
+	return log.WithFields(logrus.Fields{"conn": c.ID(), "remote": c.RemoteAddr().String()})
+}
