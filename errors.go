@@ -8,6 +8,10 @@ import (
 // Sentinel errors. Match them with errors.Is: the errors vgo returns and
 // reports to callbacks usually wrap one of these with more context.
 var (
+	// ErrInvalidOption is wrapped by the error NewClient and NewServer
+	// return for a configuration they reject.
+	ErrInvalidOption = errors.New("vgo: invalid option")
+
 	// ErrClosed is returned by operations on a Client or Conn after Close.
 	ErrClosed = errors.New("vgo: closed")
 
@@ -87,6 +91,7 @@ type CloseError struct {
 	Reason string
 }
 
+// Error returns the code and the reason in one line.
 func (e *CloseError) Error() string {
 	if e.Reason == "" {
 		return "vgo: closed by peer: " + e.Code.String()

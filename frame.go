@@ -53,9 +53,6 @@ const (
 	maxHelloSize  = 1024
 	maxPingSize   = 64
 	maxReasonSize = 256
-
-	// DefaultMaxFrameSize is the default limit on a data frame's payload.
-	DefaultMaxFrameSize = 1 << 20
 )
 
 // helloMagic opens every hello payload, so a peer that speaks another

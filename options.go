@@ -3,7 +3,6 @@ package vgo
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -12,10 +11,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 )
-
-// ErrInvalidOption is wrapped by the error NewClient and NewServer return
-// for a configuration they reject.
-var ErrInvalidOption = errors.New("vgo: invalid option")
 
 // Defaults. A zero value passed to an option selects the default; a negative
 // duration, where the option says so, turns the feature off.
@@ -26,6 +21,7 @@ const (
 	DefaultDialTimeout      = 5 * time.Second
 	DefaultWriteTimeout     = 10 * time.Second
 	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultMaxFrameSize     = 1 << 20
 )
 
 // A ClientOption configures a Client. Options that also make sense for a
