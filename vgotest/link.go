@@ -1,0 +1,456 @@
+package vgotest
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+const (
+	// readSize is the largest chunk read from a socket at once.
+	readSize = 32 << 10
+	// queueLen is how many chunks a direction holds between its reader and
+	// its writer. With readSize it bounds what a frozen or slowed link
+	// keeps in memory, about 2 MiB per direction.
+	queueLen = 64
+	// pacesPerSecond splits a bandwidth-limited stream into pieces of
+	// about 20ms each, so that it flows smoothly instead of in bursts.
+	pacesPerSecond = 50
+)
+
+// Link is one connection forwarded by a Proxy: the client's connection to
+// the proxy and the proxy's connection to the target. A Link stays valid
+// after it ends; its fault setters then do nothing.
+type Link struct {
+	p      *Proxy
+	id     int
+	client *net.TCPConn
+	server *net.TCPConn
+	half   [2]half
+	stop   chan struct{} // closed when the link is cut
+	done   chan struct{} // closed when every goroutine of the link has exited
+
+	mu sync.Mutex
+	faults
+	limit   [2]int64 // sent count at which the link is cut; 0 for none
+	sent    [2]int64
+	cut     bool
+	dropped bool
+	cause   Closer
+	running int           // goroutines of the link still running
+	wake    chan struct{} // closed and replaced whenever a fault changes
+}
+
+// half is one direction of a link.
+type half struct {
+	queue chan chunk
+	quit  chan struct{} // closed when the writer stops, to release the reader
+}
+
+// chunk is what one read returned: bytes, or the end of the stream.
+type chunk struct {
+	b   []byte
+	at  time.Time // when the proxy read it; latency counts from here
+	end error     // io.EOF for a FIN, another error for a reset
+}
+
+// verdict tells a writer what to do with the bytes it holds.
+type verdict int
+
+const (
+	proceed verdict = iota
+	discard
+	halt
+)
+
+func newLink(p *Proxy, id int, client, server *net.TCPConn, f faults, limits [2]int64) *Link {
+	l := &Link{
+		p:       p,
+		id:      id,
+		client:  client,
+		server:  server,
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+		faults:  f,
+		limit:   limits,
+		running: 4,
+		wake:    make(chan struct{}),
+	}
+	for d := range l.half {
+		l.half[d] = half{queue: make(chan chunk, queueLen), quit: make(chan struct{})}
+	}
+	return l
+}
+
+// ID returns the link's number: links are numbered from 1 in the order
+// the proxy accepted them.
+func (l *Link) ID() int {
+	return l.id
+}
+
+// ClientAddr returns the client's address, which is the LocalAddr of the
+// client's connection to the proxy.
+func (l *Link) ClientAddr() net.Addr {
+	return l.client.RemoteAddr()
+}
+
+// ServerAddr returns the proxy's address on its connection to the target,
+// which the server sees as the RemoteAddr of the connection.
+func (l *Link) ServerAddr() net.Addr {
+	return l.server.LocalAddr()
+}
+
+// Bytes returns how many bytes the link has forwarded in direction d.
+func (l *Link) Bytes(d Direction) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sent[d]
+}
+
+// Done returns a channel that is closed when the link has ended: both of
+// its sockets are closed and the proxy's counters include it.
+func (l *Link) Done() <-chan struct{} {
+	return l.done
+}
+
+// ClosedBy reports who ended the link, or NotClosed until Done is closed.
+func (l *Link) ClosedBy() Closer {
+	select {
+	case <-l.done:
+	default:
+		return NotClosed
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cause
+}
+
+// Cut closes both sockets of the link with a RST at once, dropping
+// whatever the link was holding. Both peers read ECONNRESET.
+func (l *Link) Cut() {
+	l.kill(ClosedByProxy)
+}
+
+// DropServer resets the proxy's connection to the server but leaves the
+// client's connection open and silent: no FIN, no RST, no data. Whatever
+// the client sends afterwards is read and discarded, so the link ends when
+// the client closes its connection or when it is cut.
+func (l *Link) DropServer() {
+	l.mu.Lock()
+	if l.cut || l.dropped {
+		l.mu.Unlock()
+		return
+	}
+	l.dropped = true
+	l.blameLocked(ClosedByProxy)
+	l.changedLocked()
+	l.mu.Unlock()
+	reset(l.server)
+}
+
+// Freeze stops the link from forwarding anything in either direction until
+// Thaw, while both sockets stay open; see the package documentation for
+// what is held. A write to a socket already in progress completes.
+func (l *Link) Freeze() {
+	l.change(func() { l.frozen = true })
+}
+
+// Thaw resumes forwarding on a frozen link, delivering in order what it
+// held.
+func (l *Link) Thaw() {
+	l.change(func() { l.frozen = false })
+}
+
+// SetLatency delays every chunk in direction d until latency has passed
+// since the proxy read it, including chunks already waiting. Order is
+// preserved, and the end of the stream is delayed like data. Zero, the
+// default, forwards at once.
+func (l *Link) SetLatency(d Direction, latency time.Duration) {
+	l.change(func() { l.latency[d] = latency })
+}
+
+// SetBandwidth limits direction d to bytesPerSecond. The proxy writes no
+// more than about a fiftieth of a second's worth at a time and waits, before
+// each write, for as long as the bytes take at that rate, so sending n bytes
+// takes at least n/bytesPerSecond seconds. Zero or less, the default,
+// removes the limit.
+func (l *Link) SetBandwidth(d Direction, bytesPerSecond int) {
+	l.change(func() { l.rate[d] = bytesPerSecond })
+}
+
+// ResetAfter cuts the link, as Cut does, once n more bytes have been
+// forwarded in direction d. The proxy forwards exactly n bytes and then
+// cuts, unless a write already in progress when ResetAfter was called
+// takes it past n, by less than 32 KiB. Zero or less removes the limit.
+func (l *Link) ResetAfter(d Direction, n int64) {
+	l.change(func() {
+		l.limit[d] = 0
+		if n > 0 {
+			l.limit[d] = l.sent[d] + n
+		}
+	})
+}
+
+// change applies f to the link's faults and wakes its writers to take it
+// into account.
+func (l *Link) change(f func()) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f()
+	l.changedLocked()
+}
+
+func (l *Link) changedLocked() {
+	close(l.wake)
+	l.wake = make(chan struct{})
+}
+
+func (l *Link) blameLocked(by Closer) {
+	if l.cause == NotClosed {
+		l.cause = by
+	}
+}
+
+func (l *Link) blame(by Closer) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.blameLocked(by)
+}
+
+// kill cuts the link, blaming by unless someone was blamed already.
+func (l *Link) kill(by Closer) {
+	l.mu.Lock()
+	if l.cut {
+		l.mu.Unlock()
+		return
+	}
+	l.cut = true
+	l.blameLocked(by)
+	close(l.stop)
+	l.mu.Unlock()
+	reset(l.client)
+	reset(l.server)
+}
+
+// exit is called by each goroutine of the link as it returns; the last one
+// closes the sockets and reports the end of the link.
+func (l *Link) exit() {
+	l.mu.Lock()
+	l.running--
+	last := l.running == 0
+	cause := l.cause
+	l.mu.Unlock()
+	if !last {
+		return
+	}
+	l.client.Close()
+	l.server.Close()
+	l.p.unregister(l, cause)
+	close(l.done)
+}
+
+// ends returns the socket that direction d reads and the one it writes.
+func (l *Link) ends(d Direction) (src, dst *net.TCPConn) {
+	if d == ClientToServer {
+		return l.client, l.server
+	}
+	return l.server, l.client
+}
+
+// receive reads direction d into its queue until the source ends.
+func (l *Link) receive(d Direction) {
+	defer l.exit()
+	src, _ := l.ends(d)
+	h := &l.half[d]
+	buf := make([]byte, readSize)
+	for {
+		n, err := src.Read(buf)
+		at := time.Now()
+		if n > 0 && !l.hold(h, chunk{b: bytes.Clone(buf[:n]), at: at}) {
+			return
+		}
+		if err != nil {
+			// A read failing because the proxy closed the socket finds
+			// the proxy blamed already.
+			l.blame(d.from())
+			l.hold(h, chunk{at: at, end: err})
+			return
+		}
+	}
+}
+
+// hold queues c for the writer and reports whether the writer will take
+// it.
+func (l *Link) hold(h *half, c chunk) bool {
+	select {
+	case h.queue <- c:
+		return true
+	case <-h.quit:
+		return false
+	case <-l.stop:
+		return false
+	}
+}
+
+// deliver writes the chunks of direction d to the destination as the
+// link's faults allow, until the end of the stream or of the link.
+func (l *Link) deliver(d Direction) {
+	defer l.exit()
+	h := &l.half[d]
+	defer close(h.quit)
+	_, dst := l.ends(d)
+	discarding := false
+	for {
+		var c chunk
+		select {
+		case c = <-h.queue:
+		case <-l.stop:
+			return
+		}
+		if discarding {
+			if c.end != nil {
+				return
+			}
+			continue
+		}
+		if c.end != nil {
+			if _, v := l.gate(d, c.at, 0); v != proceed {
+				return
+			}
+			if !errors.Is(c.end, io.EOF) {
+				l.kill(d.from())
+				return
+			}
+			if dst.CloseWrite() != nil {
+				l.failed(d)
+			}
+			return
+		}
+		for rest := c.b; len(rest) > 0; {
+			n, v := l.gate(d, c.at, len(rest))
+			if v == halt {
+				return
+			}
+			if v == discard {
+				discarding = true
+				break
+			}
+			w, err := dst.Write(rest[:n])
+			rest = rest[w:]
+			if l.sentBytes(d, w) {
+				l.kill(ClosedByProxy)
+				return
+			}
+			if err != nil {
+				if l.failed(d) == discard {
+					discarding = true
+					break
+				}
+				return
+			}
+		}
+	}
+}
+
+// gate blocks until the next piece of a chunk read at time at may be
+// written in direction d, and returns its size: at most rest bytes, fewer
+// under a bandwidth or ResetAfter limit. A rest of zero stands for the end
+// of the stream, which waits for freezes and latency like data.
+func (l *Link) gate(d Direction, at time.Time, rest int) (int, verdict) {
+	var due time.Time // when the piece would have crossed a limited link
+	n := rest
+	for {
+		l.mu.Lock()
+		cut, dropped, frozen := l.cut, l.dropped, l.frozen
+		latency, rate := l.latency[d], l.rate[d]
+		limit, sent := l.limit[d], l.sent[d]
+		wake := l.wake
+		l.mu.Unlock()
+
+		var until time.Time // zero: wait for a change of faults only
+		now := time.Now()
+		switch {
+		case cut, dropped && d == ServerToClient:
+			return 0, halt
+		case dropped:
+			return 0, discard
+		case frozen:
+		case now.Before(at.Add(latency)):
+			until = at.Add(latency)
+		case rate > 0 && rest > 0 && due.IsZero():
+			n = min(rest, max(1, rate/pacesPerSecond))
+			// Each piece waits out its own transmission time before it is
+			// written, so n bytes never arrive sooner than n/rate.
+			due = now.Add(transmitTime(n, rate))
+			continue
+		case rate > 0 && now.Before(due):
+			until = due
+		default:
+			if limit > 0 {
+				// The writer cuts the link as soon as sent reaches limit,
+				// so some budget is always left here.
+				n = int(min(int64(n), limit-sent))
+			}
+			return n, proceed
+		}
+		if !l.sleep(until, wake) {
+			return 0, halt
+		}
+	}
+}
+
+// sleep waits until the time until, if not zero, or a change of faults,
+// and reports false if the link is cut meanwhile.
+func (l *Link) sleep(until time.Time, wake <-chan struct{}) bool {
+	var timeout <-chan time.Time
+	if !until.IsZero() {
+		t := time.NewTimer(time.Until(until))
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-timeout:
+	case <-wake:
+	case <-l.stop:
+		return false
+	}
+	return true
+}
+
+// sentBytes records n bytes written in direction d and reports whether
+// the ResetAfter limit is reached.
+func (l *Link) sentBytes(d Direction, n int) bool {
+	if n == 0 {
+		return false
+	}
+	l.mu.Lock()
+	l.sent[d] += int64(n)
+	reached := l.limit[d] > 0 && l.sent[d] >= l.limit[d]
+	l.mu.Unlock()
+	l.p.count(d, n)
+	return reached
+}
+
+// failed handles a failed write in direction d. A failure after
+// DropServer is the proxy's own doing on the server side; any other means
+// the destination is gone, which the proxy passes on to the source as a
+// RST.
+func (l *Link) failed(d Direction) verdict {
+	l.mu.Lock()
+	dropped := l.dropped
+	l.mu.Unlock()
+	if dropped && d == ClientToServer {
+		return discard
+	}
+	l.kill(d.to())
+	return halt
+}
+
+// transmitTime returns how long n bytes take at rate bytes per second,
+// rounded up so that pacing never runs ahead of the rate.
+func transmitTime(n, rate int) time.Duration {
+	return time.Duration((int64(n)*int64(time.Second) + int64(rate) - 1) / int64(rate))
+}
