@@ -47,6 +47,7 @@ type link struct {
 	rd           *deadlineReader
 	fr           *frameReader
 	writeTimeout time.Duration
+	maxData      int
 	// closedErr is what writes return once the link is down.
 	closedErr error
 
@@ -75,15 +76,32 @@ type link struct {
 func newLink(nc net.Conn, o *commonOptions, closedErr error) *link {
 	rd := &deadlineReader{conn: nc}
 	l := &link{
-		nc:           nc,
-		rd:           rd,
-		fr:           newFrameReader(rd, o.maxFrameSize),
+		nc: nc,
+		rd: rd,
+		// Until the hello exchange completes no data frame is allowed,
+		// so no peer can make us allocate before it has said who it is.
+		fr:           newFrameReader(rd, 0),
+		maxData:      o.maxFrameSize,
 		writeTimeout: o.writeTimeout,
 		closedErr:    closedErr,
 		done:         make(chan struct{}),
 	}
 	l.flushFn = l.flush
 	return l
+}
+
+// startHandshake makes every read until established share deadline (zero
+// for none).
+func (l *link) startHandshake(deadline time.Time) {
+	l.rd.fixed = deadline
+}
+
+// established ends the handshake: data frames up to the maximum size are
+// accepted from now on, and each read may wait for idle (0 for ever).
+func (l *link) established(idle time.Duration) {
+	l.rd.fixed = time.Time{}
+	l.rd.idle = idle
+	l.fr.maxData = l.maxData
 }
 
 // shutdown tears the link down with cause err. Only the first call has an

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"unicode/utf8"
 )
 
@@ -53,6 +54,10 @@ const (
 	maxHelloSize  = 1024
 	maxPingSize   = 64
 	maxReasonSize = 256
+
+	// keepReadBuffer is the largest payload buffer a connection keeps
+	// between frames.
+	keepReadBuffer = 64 << 10
 )
 
 // helloMagic opens every hello payload, so a peer that speaks another
@@ -126,11 +131,7 @@ func (r *frameReader) next() (frameType, []byte, error) {
 			_, _ = r.br.Discard(int(n))
 		}
 	} else {
-		if cap(r.buf) < int(n) {
-			r.buf = make([]byte, n)
-		}
-		p = r.buf[:n]
-		_, err = io.ReadFull(r.br, p)
+		p, err = r.readLarge(int(n))
 	}
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -142,6 +143,30 @@ func (r *frameReader) next() (frameType, []byte, error) {
 		*r.count++
 	}
 	return t, p, nil
+}
+
+// readLarge reads a payload of n bytes, more than the read buffer holds. The
+// buffer grows with the bytes that actually arrive, so a peer that announces
+// a large frame and sends little of it costs little memory. A buffer larger
+// than keepReadBuffer is not kept for the next frame.
+func (r *frameReader) readLarge(n int) ([]byte, error) {
+	if cap(r.buf) > keepReadBuffer {
+		r.buf = nil
+	}
+	p := r.buf[:0]
+	for len(p) < n {
+		if len(p) == cap(p) {
+			p = slices.Grow(p, min(n-len(p), max(len(p), 16<<10)))
+		}
+		m, err := r.br.Read(p[len(p):min(cap(p), n)])
+		p = p[:len(p)+m]
+		if err != nil {
+			r.buf = p
+			return nil, err
+		}
+	}
+	r.buf = p
+	return p, nil
 }
 
 // appendFrame appends one encoded frame to dst.

@@ -174,3 +174,31 @@ func FuzzParseHello(f *testing.F) {
 		}
 	})
 }
+
+func TestFrameReaderLargeFrames(t *testing.T) {
+	// A frame larger than the read buffer is read whole, and the buffer
+	// for it grows with the bytes that arrive, not with the bytes announced.
+	big := bytes.Repeat([]byte("0123456789abcdef"), 200<<10/16)
+	stream := appendFrame(appendFrame(nil, frameData, big), frameData, []byte("small"))
+	r := newFrameReader(&chunkReader{data: stream, n: 1500}, 1<<20)
+	typ, p, err := r.next()
+	require.NoError(t, err)
+	assert.Equal(t, frameData, typ)
+	assert.True(t, bytes.Equal(big, p))
+	_, p, err = r.next()
+	require.NoError(t, err)
+	assert.Equal(t, "small", string(p))
+
+	r = newFrameReader(bytes.NewReader(append(header(frameData, 1<<20), make([]byte, 10)...)), 1<<20)
+	_, _, err = r.next()
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	assert.LessOrEqual(t, cap(r.buf), 16<<10, "a frame announced but not sent cost its full size")
+}
+
+func TestFrameReaderRejectsDataBeforeHello(t *testing.T) {
+	// A link starts with no room for data frames: the first frame must be
+	// a hello, and an announced data frame is refused before any read.
+	r := newFrameReader(bytes.NewReader(header(frameData, 1<<20)), 0)
+	_, _, err := r.next()
+	assert.ErrorIs(t, err, ErrFrameTooLarge)
+}

@@ -192,7 +192,7 @@ func (c *Client) connect() (*link, *heartbeat, error) {
 
 // hello sends the client's hello and reads the server's, all before deadline.
 func (c *Client) hello(l *link, deadline time.Time) error {
-	l.rd.fixed = deadline
+	l.startHandshake(deadline)
 	if err := l.nc.SetWriteDeadline(deadline); err != nil {
 		return err
 	}
@@ -217,7 +217,7 @@ func (c *Client) hello(l *link, deadline time.Time) error {
 	if h.version != ProtocolVersion {
 		return fmt.Errorf("%w: server speaks version %d, want %d", ErrProtocol, h.version, ProtocolVersion)
 	}
-	l.rd.fixed = time.Time{}
+	l.established(0)
 	return nil
 }
 

@@ -214,7 +214,7 @@ func (s *Server) handshake(c *Conn) error {
 			return handshakeError("TLS handshake", err)
 		}
 	}
-	c.l.rd.fixed = deadline
+	c.l.startHandshake(deadline)
 	t, p, err := c.l.fr.next()
 	if err != nil {
 		return handshakeError("read hello", err)
@@ -237,8 +237,7 @@ func (s *Server) handshake(c *Conn) error {
 	if _, err := c.l.nc.Write(appendFrame(nil, frameHello, hello{version: ProtocolVersion}.marshal())); err != nil {
 		return handshakeError("send hello", err)
 	}
-	c.l.rd.fixed = time.Time{}
-	c.l.rd.idle = s.opts.heartbeatTimeout
+	c.l.established(s.opts.heartbeatTimeout)
 	return nil
 }
 
