@@ -177,10 +177,9 @@ func TestFaultFlapping(t *testing.T) {
 	t.Logf("flapping: 100 resets and reconnects in %v", time.Since(start))
 	// A flusher goroutine comes and goes with each queued ping and pong, so
 	// allow for those; a leak would grow with the hundred rounds.
-	require.Eventually(t, func() bool {
-		return runtime.NumGoroutine() <= before+2
-	}, waitFor, 10*time.Millisecond)
-	t.Logf("flapping: goroutines before %d, after %d", before, runtime.NumGoroutine())
+	after := settleGoroutines(before + 2)
+	assert.LessOrEqual(t, after, before+2)
+	t.Logf("flapping: goroutines before %d, after %d", before, after)
 }
 
 func TestFaultServerStopsReading(t *testing.T) {

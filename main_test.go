@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"runtime"
 	"testing"
 	"time"
 
@@ -97,4 +98,18 @@ func recv[T any](t *testing.T, ch <-chan T) T {
 // rawHello returns the bytes of a hello frame of the given version.
 func rawHello(version uint8) []byte {
 	return appendFrame(nil, frameHello, hello{version: version}.marshal())
+}
+
+// settleGoroutines waits until at most n goroutines run, and returns the
+// count it saw last. It polls on the caller's goroutine because
+// require.Eventually would add a goroutine of its own to the count.
+func settleGoroutines(n int) int {
+	deadline := time.Now().Add(waitFor)
+	for {
+		got := runtime.NumGoroutine()
+		if got <= n || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
