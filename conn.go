@@ -303,24 +303,36 @@ func (l *link) fail(err error) error {
 // tears the link down. A writer stuck on a dead peer must not stall the
 // teardown, so the wait is bounded.
 func (l *link) closeWith(code CloseCode, reason string, cause error) {
+	ctx, cancel := context.WithTimeout(context.Background(), closeFrameTimeout)
+	defer cancel()
+	l.sendClose(ctx, code, reason, cause)
+	l.flushed(ctx)
+	l.shutdown(cause)
+}
+
+// sendClose queues a close frame, waiting for room no longer than ctx
+// allows, and makes cause the reason the link will go down with.
+func (l *link) sendClose(ctx context.Context, code CloseCode, reason string, cause error) {
 	l.mu.Lock()
 	if !l.closed && l.closing == nil {
 		l.closing = cause
 	}
 	l.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), closeFrameTimeout)
-	defer cancel()
-	if l.write(ctx, frameClose, marshalClose(code, reason)) == nil {
-		l.mu.Lock()
-		for l.writing || len(l.queue) > 0 {
-			if l.waitLocked(ctx) != nil {
-				l.shutdown(cause)
-				return
-			}
+	// Without room in time the peer is told nothing; the teardown that
+	// follows still happens.
+	_ = l.write(ctx, frameClose, marshalClose(code, reason))
+}
+
+// flushed waits until everything queued has been written, the link is
+// down, or ctx ends.
+func (l *link) flushed(ctx context.Context) {
+	l.mu.Lock()
+	for !l.closed && (l.writing || len(l.queue) > 0) {
+		if l.waitLocked(ctx) != nil {
+			return
 		}
-		l.mu.Unlock()
 	}
-	l.shutdown(cause)
+	l.mu.Unlock()
 }
 
 // readError turns an error from the frame reader into a disconnect cause.

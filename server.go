@@ -348,8 +348,20 @@ func (s *Server) Close() error {
 // call Close to finish the job. Serve returns ErrServerClosed. Like Close,
 // it must not be called from a handler or callback.
 func (s *Server) Shutdown(ctx context.Context) error {
-	for _, c := range s.stop() {
-		c.l.closeWith(CloseGoingAway, "server shutting down", ErrServerClosed)
+	// Every connection gets its close frame at once, and the whole server
+	// waits once, briefly, for them to leave: a slow peer must not hold up
+	// the others, nor Shutdown its context.
+	conns := s.stop()
+	closeCtx, cancel := context.WithTimeout(ctx, closeFrameTimeout)
+	for _, c := range conns {
+		c.l.sendClose(closeCtx, CloseGoingAway, "server shutting down", ErrServerClosed)
+	}
+	for _, c := range conns {
+		c.l.flushed(closeCtx)
+	}
+	cancel()
+	for _, c := range conns {
+		c.l.shutdown(ErrServerClosed)
 	}
 	// Poll rather than wait on s.wg in a goroutine, which would outlive
 	// Shutdown when ctx ends first.
