@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -57,14 +56,20 @@ type Client struct {
 	// exited is closed once the client has stopped for good.
 	exited chan struct{}
 
-	mu      sync.Mutex
-	started bool
-	state   State
-	changed chan struct{} // closed and replaced on every state change
-	link    *link         // the live connection, nil while there is none
-	err     error         // why the client stopped, once it has
+	mu       sync.Mutex
+	started  bool
+	state    State
+	changed  chan struct{} // closed and replaced on every state change
+	link     *link         // the live connection, nil while there is none
+	sendBuf  sendBuffer    // messages sent while link was nil
+	err      error         // why the client stopped, once it has
+	endpoint string        // the address connected to or being dialed
 
-	rtt atomic.Int64
+	// addrs are the endpoints in the order they are tried; next, the one
+	// to dial next, belongs to the run goroutine.
+	addrs []string
+	next  int
+	stats clientStats
 }
 
 // NewClient returns a client for the server at addr (host:port). It checks
@@ -80,7 +85,9 @@ func NewClient(addr string, opts ...ClientOption) (*Client, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Client{
+		sendBuf: o.sendBuffer,
 		addr:    addr,
+		addrs:   append([]string{addr}, o.fallbacks...),
 		opts:    o,
 		log:     o.logger.WithField("remote", addr),
 		ctx:     ctx,
@@ -143,16 +150,32 @@ func (c *Client) Send(ctx context.Context, payload []byte) error {
 	}
 	c.mu.Lock()
 	l, err := c.link, c.err
-	c.mu.Unlock()
 	switch {
-	case l != nil:
-		return l.write(ctx, frameData, payload)
 	case err != nil:
+		c.mu.Unlock()
 		return err
 	case c.ctx.Err() != nil:
+		c.mu.Unlock()
 		return ErrClosed
+	case l == nil && c.sendBuf.enabled():
+		return c.buffer(ctx, payload)
+	case l == nil:
+		c.mu.Unlock()
+		return ErrNotConnected
 	}
-	return ErrNotConnected
+	c.mu.Unlock()
+	if err := l.write(ctx, frameData, payload); err != nil {
+		if errors.Is(err, ErrNotConnected) && c.sendBuf.enabled() {
+			// The connection died under this Send: keep the message
+			// for the next one.
+			c.mu.Lock()
+			return c.buffer(ctx, payload)
+		}
+		return err
+	}
+	c.stats.msgsOut.Add(1)
+	c.stats.bytesOut.Add(uint64(len(payload)))
+	return nil
 }
 
 // State returns the client's current state.
@@ -165,7 +188,25 @@ func (c *Client) State() State {
 // RTT returns the round-trip time measured by the last pong, or 0 before
 // the first one.
 func (c *Client) RTT() time.Duration {
-	return time.Duration(c.rtt.Load())
+	return time.Duration(c.stats.rttLast.Load())
+}
+
+// Endpoint returns the server address the client is connected to or, while
+// disconnected, the one it is dialing or will dial next.
+func (c *Client) Endpoint() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.endpoint == "" {
+		return c.addr
+	}
+	return c.endpoint
+}
+
+// Stats returns a snapshot of the client's counters.
+func (c *Client) Stats() ClientStats {
+	st := c.stats.snapshot()
+	st.Endpoint = c.Endpoint()
+	return st
 }
 
 // Done returns a channel that is closed when the client has stopped for
@@ -211,6 +252,7 @@ func (c *Client) finish(err error) {
 		c.err = ErrClosed
 	}
 	c.setStateLocked(StateClosed)
+	c.sendBuf.take() // nothing will send them now
 	c.mu.Unlock()
 	if fn := c.opts.onClose; fn != nil {
 		fn(err)
@@ -233,10 +275,14 @@ func (c *Client) setStateLocked(s State) {
 func (c *Client) serve(l *link, hb *heartbeat) error {
 	remote := l.nc.RemoteAddr()
 	log := c.log.WithField("local", l.nc.LocalAddr().String())
-	c.mu.Lock()
-	c.link = l
-	c.setStateLocked(StateConnected)
-	c.mu.Unlock()
+	if !c.publish(l) {
+		// It died while taking the buffered messages: nothing was
+		// reported connected, so nothing is reported lost.
+		l.wait()
+		return l.cause()
+	}
+	c.stats.connects.Add(1)
+	c.stats.connectedSince.Store(time.Now().UnixNano())
 	log.Info("connected")
 	if fn := c.opts.onConnect; fn != nil {
 		fn(remote)
@@ -244,7 +290,7 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 
 	var wg sync.WaitGroup
 	wg.Go(func() { c.readLoop(l, hb) })
-	if c.opts.pingInterval > 0 {
+	if hb.interval > 0 {
 		wg.Go(func() {
 			ping := func(ctx context.Context, p []byte) error { return l.write(ctx, framePing, p) }
 			if err := hb.run(l.done, ping); err != nil {
@@ -261,6 +307,7 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	l.wait()
 	err := l.cause()
 
+	c.stats.connectedSince.Store(0)
 	c.mu.Lock()
 	c.link = nil
 	if c.ctx.Err() == nil {
@@ -291,6 +338,8 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 		hb.received()
 		switch t {
 		case frameData:
+			c.stats.msgsIn.Add(1)
+			c.stats.bytesIn.Add(uint64(len(p)))
 			if fn := c.opts.onMessage; fn != nil {
 				fn(p)
 			}
@@ -300,7 +349,7 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 			}
 		case framePong:
 			if rtt, ok := hb.pong(p); ok {
-				c.rtt.Store(int64(rtt))
+				c.stats.rtt(rtt)
 				if debugEnabled(c.log) {
 					c.log.WithField("rtt", rtt).Debug("pong")
 				}
@@ -308,6 +357,8 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 					fn(rtt)
 				}
 			}
+		case frameGoodbye:
+			l.goodbye.Store(int64(parseGoodbye(p)))
 		case frameClose:
 			l.shutdown(parseClose(p))
 			return

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -67,6 +68,9 @@ type link struct {
 	hdr      [headerSize]byte
 	iov      [2][]byte   // header and payload of a direct write
 	bufs     net.Buffers // views iov; a field so WriteTo does not allocate
+
+	// goodbye is the reconnect window a departing server asked for.
+	goodbye atomic.Int64
 
 	once sync.Once
 	done chan struct{}

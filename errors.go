@@ -35,6 +35,11 @@ var (
 	// frame size, and wrapped when a peer announces such a frame.
 	ErrFrameTooLarge = errors.New("vgo: frame too large")
 
+	// ErrUnauthorized is reported when the server's authenticator rejected
+	// the client's credentials. The client stops, unless configured with
+	// WithRetryOnAuthFailure; the error wraps the server's *CloseError.
+	ErrUnauthorized = errors.New("vgo: unauthorized")
+
 	// ErrHeartbeatTimeout reports a peer that stopped answering: a client
 	// saw no frame within the pong timeout after a ping, or a server saw no
 	// frame within its heartbeat timeout. It satisfies net.Error with
@@ -65,6 +70,7 @@ const (
 	CloseProtocolError CloseCode = 2 // the peer broke the protocol
 	CloseBadVersion    CloseCode = 3 // the protocol versions do not match
 	CloseServerFull    CloseCode = 4 // the server is at its connection limit
+	CloseUnauthorized  CloseCode = 5 // the server rejected the credentials
 )
 
 // String returns the code's name.
@@ -80,6 +86,8 @@ func (c CloseCode) String() string {
 		return "unsupported version"
 	case CloseServerFull:
 		return "server full"
+	case CloseUnauthorized:
+		return "unauthorized"
 	}
 	return fmt.Sprintf("code %d", uint8(c))
 }

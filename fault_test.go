@@ -90,7 +90,7 @@ func TestFaultServerProcessGone(t *testing.T) {
 func TestFaultGracefulShutdown(t *testing.T) {
 	// A FIN after a going-away close frame: the client reports the server's
 	// reason and reconnects to the next server on the same proxy.
-	r := newFaultRig(t, nil)
+	r := newFaultRig(t, []ServerOption{WithDrainWindow(50 * time.Millisecond)})
 	ctx := testContext(t)
 	require.NoError(t, r.srv.Shutdown(ctx))
 	var ce *CloseError

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
+	"time"
 	"unicode/utf8"
 )
 
@@ -17,11 +19,12 @@ import (
 type frameType uint8
 
 const (
-	frameHello frameType = 0x01
-	frameData  frameType = 0x02
-	framePing  frameType = 0x03
-	framePong  frameType = 0x04
-	frameClose frameType = 0x05
+	frameHello   frameType = 0x01
+	frameData    frameType = 0x02
+	framePing    frameType = 0x03
+	framePong    frameType = 0x04
+	frameClose   frameType = 0x05
+	frameGoodbye frameType = 0x06
 )
 
 func (t frameType) String() string {
@@ -36,6 +39,8 @@ func (t frameType) String() string {
 		return "pong"
 	case frameClose:
 		return "close"
+	case frameGoodbye:
+		return "goodbye"
 	}
 	return fmt.Sprintf("0x%02x", uint8(t))
 }
@@ -76,6 +81,8 @@ func maxPayload(t frameType, maxData int) int {
 		return maxPingSize
 	case frameClose:
 		return 1 + maxReasonSize
+	case frameGoodbye:
+		return 4
 	}
 	return -1
 }
@@ -181,12 +188,49 @@ func appendFrame(dst []byte, t frameType, payload []byte) []byte {
 // so later versions can add fields without breaking older peers.
 type hello struct {
 	version uint8
+	// credentials is what a client presents to the server's authenticator.
+	credentials []byte
+	// pingInterval is the client's ping interval, 0 when it does not ping.
+	pingInterval time.Duration
+	// minPing and maxPing bound the ping interval a server accepts; 0 for
+	// no bound.
+	minPing, maxPing time.Duration
 }
 
+// Hello field tags. PROTOCOL.md lists them.
+const (
+	tagCredentials  = 0x01 // client: opaque bytes
+	tagPingInterval = 0x02 // client: uint32 milliseconds
+	tagPingRange    = 0x10 // server: two uint32 milliseconds, min and max
+)
+
 func (h hello) marshal() []byte {
-	b := make([]byte, 0, len(helloMagic)+1)
+	b := make([]byte, 0, 16+len(h.credentials))
 	b = append(b, helloMagic[:]...)
-	return append(b, h.version)
+	b = append(b, h.version)
+	if h.credentials != nil {
+		b = appendField(b, tagCredentials, h.credentials)
+	}
+	if h.pingInterval > 0 {
+		b = appendField(b, tagPingInterval, binary.BigEndian.AppendUint32(nil, millis(h.pingInterval)))
+	}
+	if h.minPing > 0 || h.maxPing > 0 {
+		r := binary.BigEndian.AppendUint32(nil, millis(h.minPing))
+		b = appendField(b, tagPingRange, binary.BigEndian.AppendUint32(r, millis(h.maxPing)))
+	}
+	return b
+}
+
+func appendField(b []byte, tag byte, value []byte) []byte {
+	b = append(b, tag)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(value)))
+	return append(b, value...)
+}
+
+// millis converts d to whole milliseconds for the wire, rounding up so that
+// a positive duration never becomes 0.
+func millis(d time.Duration) uint32 {
+	return uint32(min((d+time.Millisecond-1)/time.Millisecond, math.MaxUint32))
 }
 
 func parseHello(p []byte) (hello, error) {
@@ -199,14 +243,34 @@ func parseHello(p []byte) (hello, error) {
 		if len(fields) < 3 {
 			return hello{}, fmt.Errorf("%w: truncated hello field header", ErrProtocol)
 		}
-		n := int(binary.BigEndian.Uint16(fields[1:3]))
+		tag, n := fields[0], int(binary.BigEndian.Uint16(fields[1:3]))
 		if len(fields) < 3+n {
-			return hello{}, fmt.Errorf("%w: hello field 0x%02x overruns the frame", ErrProtocol, fields[0])
+			return hello{}, fmt.Errorf("%w: hello field 0x%02x overruns the frame", ErrProtocol, tag)
 		}
-		// No field is defined in version 1; unknown fields are skipped.
+		v := fields[3 : 3+n]
 		fields = fields[3+n:]
+		switch {
+		case tag == tagCredentials:
+			h.credentials = append([]byte{}, v...)
+		case tag == tagPingInterval && n == 4:
+			h.pingInterval = time.Duration(binary.BigEndian.Uint32(v)) * time.Millisecond
+		case tag == tagPingRange && n == 8:
+			h.minPing = time.Duration(binary.BigEndian.Uint32(v)) * time.Millisecond
+			h.maxPing = time.Duration(binary.BigEndian.Uint32(v[4:])) * time.Millisecond
+		case tag == tagPingInterval || tag == tagPingRange:
+			return hello{}, fmt.Errorf("%w: hello field 0x%02x has %d bytes", ErrProtocol, tag, n)
+		}
 	}
 	return h, nil
+}
+
+// parseGoodbye returns the window over which a departing server asks its
+// clients to spread their reconnects.
+func parseGoodbye(p []byte) time.Duration {
+	if len(p) < 4 {
+		return 0
+	}
+	return time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
 }
 
 func marshalClose(code CloseCode, reason string) []byte {

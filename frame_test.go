@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
@@ -94,7 +95,7 @@ func TestParseHello(t *testing.T) {
 	assert.Equal(t, uint8(ProtocolVersion), h.version)
 
 	// Fields a later version may add are skipped.
-	withFields := append(hello{version: 3}.marshal(), 0x10, 0, 2, 'h', 'i', 0x11, 0, 0)
+	withFields := append(hello{version: 3}.marshal(), 0x70, 0, 2, 'h', 'i', 0x71, 0, 0)
 	h, err = parseHello(withFields)
 	require.NoError(t, err)
 	assert.Equal(t, uint8(3), h.version)
@@ -160,6 +161,7 @@ func FuzzParseHello(f *testing.F) {
 	f.Add(hello{version: ProtocolVersion}.marshal())
 	f.Add(append(hello{version: 2}.marshal(), 0x10, 0, 2, 'h', 'i'))
 	f.Add([]byte("VGO"))
+	f.Add(hello{version: 1, credentials: []byte("token"), pingInterval: time.Second, minPing: time.Millisecond, maxPing: time.Minute}.marshal())
 	f.Fuzz(func(t *testing.T, p []byte) {
 		h, err := parseHello(p)
 		if err != nil {
@@ -168,8 +170,9 @@ func FuzzParseHello(f *testing.F) {
 			}
 			return
 		}
-		again, err := parseHello(hello{version: h.version}.marshal())
-		if err != nil || again != h {
+		again, err := parseHello(h.marshal())
+		if err != nil || again.version != h.version || !bytes.Equal(again.credentials, h.credentials) ||
+			again.pingInterval != h.pingInterval || again.minPing != h.minPing || again.maxPing != h.maxPing {
 			t.Fatalf("round trip of %+v gave %+v, %v", h, again, err)
 		}
 	})

@@ -22,6 +22,7 @@ const (
 	DefaultWriteTimeout     = 10 * time.Second
 	DefaultHandshakeTimeout = 5 * time.Second
 	DefaultMaxFrameSize     = 1 << 20
+	DefaultDrainWindow      = 5 * time.Second
 )
 
 // A ClientOption configures a Client. Options that also make sense for a
@@ -53,12 +54,17 @@ type commonOptions struct {
 
 type clientOptions struct {
 	commonOptions
-	pingInterval time.Duration
-	pongTimeout  time.Duration
-	dialTimeout  time.Duration
-	backoff      Backoff
-	maxAttempts  int
-	dial         func(ctx context.Context, network, addr string) (net.Conn, error)
+	pingInterval  time.Duration
+	pongTimeout   time.Duration
+	dialTimeout   time.Duration
+	backoff       Backoff
+	maxAttempts   int
+	dial          func(ctx context.Context, network, addr string) (net.Conn, error)
+	credentials   func(ctx context.Context) ([]byte, error)
+	fallbacks     []string
+	tlsConfigFunc func(addr string) (*tls.Config, error)
+	retryAuth     bool
+	sendBuffer    sendBuffer
 
 	onConnect    func(remote net.Addr)
 	onDisconnect func(err error)
@@ -75,6 +81,9 @@ type serverOptions struct {
 	commonOptions
 	heartbeatTimeout time.Duration
 	maxConns         int
+	minPing, maxPing time.Duration
+	drainWindow      time.Duration
+	authenticate     func(c *Conn, credentials []byte) error
 
 	handler     func(c *Conn, msg []byte)
 	onConnOpen  func(c *Conn)
@@ -174,6 +183,53 @@ func WithDialFunc(dial func(ctx context.Context, network, addr string) (net.Conn
 	return clientOption(func(o *clientOptions) { o.dial = dial })
 }
 
+// WithSendBuffer makes Send keep messages while the client is
+// disconnected, up to maxMessages messages and maxBytes bytes, instead of
+// failing with ErrNotConnected. On the next connection the buffered
+// messages are written first, in order, before any sent after them. policy
+// says what happens to a message that does not fit. Buffered messages are
+// lost if the client is closed or gives up. By default there is no buffer.
+func WithSendBuffer(maxMessages, maxBytes int, policy BufferPolicy) ClientOption {
+	return clientOption(func(o *clientOptions) {
+		o.sendBuffer = sendBuffer{maxMessages: maxMessages, maxBytes: maxBytes, policy: policy}
+	})
+}
+
+// WithFallbackAddrs adds servers to fail over to. The client dials the
+// address given to NewClient first and, on each failure, moves to the next
+// address in the list, wrapping around; names are resolved again on every
+// dial. The backoff applies per round: a failed dial is followed at once by
+// the next address, and the wait comes after every address has failed once.
+// By default there is no fallback.
+func WithFallbackAddrs(addrs ...string) ClientOption {
+	return clientOption(func(o *clientOptions) { o.fallbacks = append(o.fallbacks, addrs...) })
+}
+
+// WithTLSConfigFunc sets a function that returns the TLS configuration for
+// each dial, with the address being dialed, so that a rotated client
+// certificate or root pool is used from the next reconnect on. It takes
+// precedence over WithTLSConfig; a nil config means plain TCP. An error
+// from it fails that attempt.
+func WithTLSConfigFunc(fn func(addr string) (*tls.Config, error)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.tlsConfigFunc = fn })
+}
+
+// WithCredentials sets the function that supplies the credentials a client
+// presents in its hello, such as a token. It runs before every dial, so a
+// refreshed token is used on the next reconnect; an error from it fails
+// that attempt. By default no credentials are sent.
+func WithCredentials(fn func(ctx context.Context) ([]byte, error)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.credentials = fn })
+}
+
+// WithRetryOnAuthFailure makes a client keep dialing with backoff after the
+// server rejected its credentials. By default it stops at once with an
+// error wrapping ErrUnauthorized, since retrying the same credentials
+// rarely helps.
+func WithRetryOnAuthFailure(retry bool) ClientOption {
+	return clientOption(func(o *clientOptions) { o.retryAuth = retry })
+}
+
 // WithOnConnect registers a callback run each time the client completes a
 // connection, with the server's address.
 func WithOnConnect(fn func(remote net.Addr)) ClientOption {
@@ -219,6 +275,34 @@ func WithOnClose(fn func(err error)) ClientOption {
 // is DefaultHeartbeatTimeout (15s); negative turns stale detection off.
 func WithHeartbeatTimeout(d time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.heartbeatTimeout = d })
+}
+
+// WithPingIntervalRange sets the ping intervals a server accepts, which it
+// announces in its hello. A client set to ping less often than max pings
+// every max instead (and a client with heartbeats off starts pinging); one
+// set to ping more often than min pings every min. Either logs a warning.
+// The default max is a third of the heartbeat timeout, so a client can miss
+// two pings before it is closed as stale, and there is no min. max must not
+// exceed half the heartbeat timeout; 0 keeps the default.
+func WithPingIntervalRange(min, max time.Duration) ServerOption {
+	return serverOption(func(o *serverOptions) { o.minPing, o.maxPing = min, max })
+}
+
+// WithDrainWindow sets the window over which Shutdown asks clients to
+// spread their reconnects: each waits a random part of it before dialing
+// again, so a fleet does not return all at once. The default is
+// DefaultDrainWindow (5s); negative sends no such request.
+func WithDrainWindow(d time.Duration) ServerOption {
+	return serverOption(func(o *serverOptions) { o.drainWindow = d })
+}
+
+// WithAuthenticator sets the function that accepts or rejects each
+// connection's credentials during the hello, before the connection opens.
+// A non-nil error rejects: the client is sent a close frame with
+// CloseUnauthorized and the error's text. By default every client is
+// accepted.
+func WithAuthenticator(fn func(c *Conn, credentials []byte) error) ServerOption {
+	return serverOption(func(o *serverOptions) { o.authenticate = fn })
 }
 
 // WithMaxConnections caps the number of live connections. A connection
@@ -307,6 +391,19 @@ func newClientOptions(opts []ClientOption) (clientOptions, error) {
 	if o.maxAttempts < 0 {
 		return o, invalid("max attempts %d is negative", o.maxAttempts)
 	}
+	if b := o.sendBuffer; b.maxMessages != 0 || b.maxBytes != 0 {
+		if b.maxMessages <= 0 || b.maxBytes <= 0 {
+			return o, invalid("send buffer of %d messages and %d bytes is empty", b.maxMessages, b.maxBytes)
+		}
+		if b.policy < BufferFailNew || b.policy > BufferBlock {
+			return o, invalid("unknown send buffer policy %d", b.policy)
+		}
+	}
+	for _, addr := range o.fallbacks {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return o, invalid("fallback address %q: %v", addr, err)
+		}
+	}
 	b, err := o.backoff.resolve()
 	if err != nil {
 		return o, err
@@ -340,6 +437,21 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 		return o, invalid("max connections %d is negative", o.maxConns)
 	}
 	o.heartbeatTimeout = orDefault(o.heartbeatTimeout, DefaultHeartbeatTimeout)
+	o.drainWindow = orDefault(o.drainWindow, DefaultDrainWindow)
+	if o.minPing < 0 || o.maxPing < 0 {
+		return o, invalid("ping interval range %v..%v is negative", o.minPing, o.maxPing)
+	}
+	if o.heartbeatTimeout > 0 {
+		if o.maxPing == 0 {
+			o.maxPing = o.heartbeatTimeout / 3
+		}
+		if o.maxPing > o.heartbeatTimeout/2 {
+			return o, invalid("max ping interval %v must be at most half the heartbeat timeout %v", o.maxPing, o.heartbeatTimeout)
+		}
+	}
+	if o.maxPing > 0 && o.minPing > o.maxPing {
+		return o, invalid("ping interval range %v..%v is empty", o.minPing, o.maxPing)
+	}
 	return o, nil
 }
 

@@ -91,22 +91,33 @@ func (c *Client) run() {
 	var (
 		failed int // attempts failed since the last healthy connection
 		waits  int // backoff waits since the last healthy connection
+		tried  int // endpoints tried in this round without a wait
 	)
 	for {
-		l, hb, err := c.connect()
+		addr := c.addrs[c.next]
+		l, hb, err := c.connect(addr)
 		dialed := err == nil
+		healthy := false
 		if dialed {
 			err = c.serve(l, hb)
-			if hb.answered.Load() {
-				failed, waits = 0, 0
-			} else {
-				failed++
-			}
-		} else {
-			failed++
+			healthy = hb.answered.Load()
 		}
 		if c.ctx.Err() != nil {
 			c.finish(nil)
+			return
+		}
+		if healthy {
+			failed, waits, tried = 0, 0, 0
+		} else {
+			failed++
+			tried++
+			c.stats.failedDials.Add(1)
+		}
+		var ce *CloseError
+		if !c.opts.retryAuth && errors.As(err, &ce) && ce.Code == CloseUnauthorized {
+			err = fmt.Errorf("%w: %w", ErrUnauthorized, err)
+			c.log.WithFields(logrus.Fields{"endpoint": addr, "err": err}).Error("authentication failed; giving up")
+			c.finish(err)
 			return
 		}
 		if c.opts.maxAttempts > 0 && failed >= c.opts.maxAttempts {
@@ -115,8 +126,22 @@ func (c *Client) run() {
 			c.finish(err)
 			return
 		}
+		c.next = (c.next + 1) % len(c.addrs)
+		if !healthy && tried < len(c.addrs) {
+			// The rest of the round goes at once: the backoff applies
+			// per round through the endpoints.
+			c.log.WithFields(logrus.Fields{"attempt": failed, "endpoint": addr, "next": c.addrs[c.next], "err": err}).
+				Warn("dial failed; trying the next endpoint")
+			continue
+		}
+		tried = 0
 		d := c.opts.backoff.delay(waits, c.opts.rand())
+		if dialed && l.goodbye.Load() > 0 {
+			// A draining server asked for reconnects spread over a window.
+			d = time.Duration(c.opts.rand() * float64(l.goodbye.Load()))
+		}
 		waits++
+		c.stats.backoff.Store(int64(d))
 		if dialed {
 			// serve has logged the disconnect and its cause.
 			c.log.WithFields(logrus.Fields{"attempt": failed + 1, "delay": d}).Info("reconnecting")
@@ -126,7 +151,9 @@ func (c *Client) run() {
 		if fn := c.opts.onReconnect; fn != nil {
 			fn(failed+1, d)
 		}
-		if !c.sleep(d) {
+		ok := c.sleep(d)
+		c.stats.backoff.Store(0)
+		if !ok {
 			c.finish(nil)
 			return
 		}
@@ -145,16 +172,31 @@ func (c *Client) sleep(d time.Duration) bool {
 	}
 }
 
-// connect dials, runs the TLS handshake if configured and exchanges hellos.
-// Close interrupts every step at once.
-func (c *Client) connect() (*link, *heartbeat, error) {
+// connect dials addr, runs the TLS handshake if configured and exchanges
+// hellos. Close interrupts every step at once.
+func (c *Client) connect(addr string) (*link, *heartbeat, error) {
+	c.mu.Lock()
+	c.endpoint = addr
+	c.mu.Unlock()
+	c.stats.dials.Add(1)
 	ctx := c.ctx
 	if c.opts.dialTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.opts.dialTimeout)
 		defer cancel()
 	}
-	nc, err := c.opts.dial(ctx, "tcp", c.addr)
+	var creds []byte
+	if fn := c.opts.credentials; fn != nil {
+		var err error
+		if creds, err = fn(ctx); err != nil {
+			return nil, nil, fmt.Errorf("vgo: credentials: %w", err)
+		}
+	}
+	cfg, err := c.tlsConfig(addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, err := c.opts.dial(ctx, "tcp", addr)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -165,8 +207,8 @@ func (c *Client) connect() (*link, *heartbeat, error) {
 	if c.opts.handshakeTimeout > 0 {
 		deadline = time.Now().Add(c.opts.handshakeTimeout)
 	}
-	if cfg := c.opts.tlsConfig; cfg != nil {
-		tc := tls.Client(nc, c.tlsConfigFor(cfg))
+	if cfg != nil {
+		tc := tls.Client(nc, cfg)
 		nc = tc
 		if err := nc.SetDeadline(deadline); err != nil {
 			nc.Close()
@@ -178,47 +220,69 @@ func (c *Client) connect() (*link, *heartbeat, error) {
 		}
 	}
 	l := newLink(nc, &c.opts.commonOptions, ErrNotConnected)
-	if err := c.hello(l, deadline); err != nil {
+	interval, err := c.hello(l, deadline, creds)
+	if err != nil {
 		l.shutdown(err)
 		return nil, nil, err
 	}
-	hb := newHeartbeat(c.opts.pingInterval, c.opts.pongTimeout)
-	if c.opts.pingInterval <= 0 {
+	hb := newHeartbeat(interval, c.opts.pongTimeout)
+	if interval <= 0 {
 		hb.answered.Store(true)
 	}
 	hb.received()
 	return l, hb, nil
 }
 
-// hello sends the client's hello and reads the server's, all before deadline.
-func (c *Client) hello(l *link, deadline time.Time) error {
+// hello sends the client's hello and reads the server's, all before
+// deadline, and returns the ping interval to use: the configured one, moved
+// into the range the server accepts.
+func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration, error) {
 	l.startHandshake(deadline)
 	if err := l.nc.SetWriteDeadline(deadline); err != nil {
-		return err
+		return 0, err
 	}
-	if _, err := l.nc.Write(appendFrame(nil, frameHello, hello{version: ProtocolVersion}.marshal())); err != nil {
-		return handshakeError("send hello", err)
+	mine := hello{version: ProtocolVersion, credentials: creds, pingInterval: c.opts.pingInterval}
+	if _, err := l.nc.Write(appendFrame(nil, frameHello, mine.marshal())); err != nil {
+		return 0, handshakeError("send hello", err)
 	}
 	t, p, err := l.fr.next()
 	if err != nil {
-		return handshakeError("read hello", err)
+		return 0, handshakeError("read hello", err)
 	}
 	switch t {
 	case frameHello:
 	case frameClose:
-		return parseClose(p)
+		return 0, parseClose(p)
 	default:
-		return fmt.Errorf("%w: expected hello, got %s frame", ErrProtocol, t)
+		return 0, fmt.Errorf("%w: expected hello, got %s frame", ErrProtocol, t)
 	}
 	h, err := parseHello(p)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if h.version != ProtocolVersion {
-		return fmt.Errorf("%w: server speaks version %d, want %d", ErrProtocol, h.version, ProtocolVersion)
+		return 0, fmt.Errorf("%w: server speaks version %d, want %d", ErrProtocol, h.version, ProtocolVersion)
 	}
 	l.established(0)
-	return nil
+	return c.negotiate(h), nil
+}
+
+// negotiate moves the configured ping interval into the server's range, so
+// that the two sides' settings cannot silently disagree.
+func (c *Client) negotiate(h hello) time.Duration {
+	want := c.opts.pingInterval
+	got := want
+	switch {
+	case h.maxPing > 0 && (want <= 0 || want > h.maxPing):
+		got = h.maxPing
+	case h.minPing > 0 && want > 0 && want < h.minPing:
+		got = h.minPing
+	}
+	if got != want {
+		c.log.WithFields(logrus.Fields{"configured": want, "interval": got, "min": h.minPing, "max": h.maxPing}).
+			Warn("ping interval moved into the server's range")
+	}
+	return got
 }
 
 // handshakeError names the step that failed and maps a deadline to
@@ -231,17 +295,24 @@ func handshakeError(step string, err error) error {
 	return fmt.Errorf("vgo: %s: %w", step, readError(err))
 }
 
-// tlsConfigFor returns cfg with ServerName set to the dialed host when the
-// caller left it empty.
-func (c *Client) tlsConfigFor(cfg *tls.Config) *tls.Config {
-	if cfg.ServerName != "" {
-		return cfg
+// tlsConfig returns the TLS configuration for a dial to addr, or nil for
+// plain TCP. ServerName defaults to the host of addr.
+func (c *Client) tlsConfig(addr string) (*tls.Config, error) {
+	cfg := c.opts.tlsConfig
+	if fn := c.opts.tlsConfigFunc; fn != nil {
+		var err error
+		if cfg, err = fn(addr); err != nil {
+			return nil, fmt.Errorf("vgo: TLS config: %w", err)
+		}
 	}
-	host, _, err := net.SplitHostPort(c.addr)
+	if cfg == nil || cfg.ServerName != "" {
+		return cfg, nil
+	}
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		host = c.addr
+		host = addr
 	}
 	cfg = cfg.Clone()
 	cfg.ServerName = host
-	return cfg
+	return cfg, nil
 }

@@ -2,6 +2,7 @@ package vgo
 
 import (
 	"context"
+	"encoding/binary"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ type Server struct {
 	log  logrus.FieldLogger
 
 	nextID atomic.Uint64
+	stats  serverStats
 	wg     sync.WaitGroup // one count per connection goroutine
 	done   chan struct{}  // closed when Shutdown or Close begins
 
@@ -96,6 +98,7 @@ func (s *Server) Serve(l net.Listener) error {
 			continue
 		}
 		delay = 0
+		s.stats.accepted.Add(1)
 		s.accept(nc)
 	}
 }
@@ -141,6 +144,7 @@ func (s *Server) accept(nc net.Conn) {
 // it. The close frame fits in an empty socket buffer, so the short deadline
 // only matters for a broken socket.
 func (s *Server) refuse(nc net.Conn) {
+	s.stats.refused.Add(1)
 	s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "max": s.opts.maxConns}).
 		Warn("connection refused: at max connections")
 	if s.opts.tlsConfig == nil {
@@ -161,6 +165,12 @@ func (s *Server) serveConn(c *Conn) {
 
 	if err := s.handshake(c); err != nil {
 		c.log.WithField("err", err).Warn("handshake failed")
+		switch {
+		case errors.Is(err, ErrUnauthorized):
+			s.stats.auth.Add(1)
+		case errors.Is(err, ErrProtocol):
+			s.stats.protocol.Add(1)
+		}
 		if errors.Is(err, ErrProtocol) {
 			c.l.closeWith(CloseProtocolError, err.Error(), err)
 		} else {
@@ -188,8 +198,10 @@ func (s *Server) serveConn(c *Conn) {
 	log := c.log.WithField("err", cause)
 	switch {
 	case errors.Is(cause, ErrProtocol):
+		s.stats.protocol.Add(1)
 		log.Warn("client disconnected: protocol error")
 	case errors.Is(cause, ErrHeartbeatTimeout):
+		s.stats.stale.Add(1)
 		log.Info("client disconnected: stale, no heartbeat")
 	default:
 		log.Info("client disconnected")
@@ -231,10 +243,17 @@ func (s *Server) handshake(c *Conn) error {
 		c.l.closeWith(CloseBadVersion, fmt.Sprintf("server speaks version %d", ProtocolVersion), err)
 		return err
 	}
+	if fn := s.opts.authenticate; fn != nil {
+		if err := fn(c, h.credentials); err != nil {
+			c.l.closeWith(CloseUnauthorized, err.Error(), fmt.Errorf("%w: %w", ErrUnauthorized, err))
+			return fmt.Errorf("%w: %w", ErrUnauthorized, err)
+		}
+	}
 	if err := c.l.nc.SetWriteDeadline(deadline); err != nil {
 		return err
 	}
-	if _, err := c.l.nc.Write(appendFrame(nil, frameHello, hello{version: ProtocolVersion}.marshal())); err != nil {
+	mine := hello{version: ProtocolVersion, minPing: s.opts.minPing, maxPing: s.opts.maxPing}
+	if _, err := c.l.nc.Write(appendFrame(nil, frameHello, mine.marshal())); err != nil {
 		return handshakeError("send hello", err)
 	}
 	c.l.established(s.opts.heartbeatTimeout)
@@ -353,7 +372,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// the others, nor Shutdown its context.
 	conns := s.stop()
 	closeCtx, cancel := context.WithTimeout(ctx, closeFrameTimeout)
+	var goodbye []byte
+	if s.opts.drainWindow > 0 {
+		goodbye = binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow))
+	}
 	for _, c := range conns {
+		if goodbye != nil {
+			// Ahead of the close frame, so the client has it when it
+			// plans its reconnect. Without room in time, it goes unsaid.
+			_ = c.l.write(closeCtx, frameGoodbye, goodbye)
+		}
 		c.l.sendClose(closeCtx, CloseGoingAway, "server shutting down", ErrServerClosed)
 	}
 	for _, c := range conns {
@@ -382,6 +410,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			t.Stop()
 			return ctx.Err()
 		}
+	}
+}
+
+// Stats returns a snapshot of the server's counters.
+func (s *Server) Stats() ServerStats {
+	return ServerStats{
+		Accepted:       s.stats.accepted.Load(),
+		Refused:        s.stats.refused.Load(),
+		StaleClosed:    s.stats.stale.Load(),
+		ProtocolErrors: s.stats.protocol.Load(),
+		AuthFailures:   s.stats.auth.Load(),
+		Live:           s.Len(),
 	}
 }
 
