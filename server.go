@@ -2,8 +2,8 @@ package vgo
 
 import (
 	"context"
-	"encoding/binary"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
