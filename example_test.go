@@ -2,6 +2,7 @@ package vgo_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -86,4 +87,71 @@ func ExampleServer_Shutdown() {
 	// shutdown: <nil>
 	// serve: vgo: server closed
 	// client saw: vgo: closed by peer: going away: server shutting down
+}
+
+// A server that checks a token in each client's hello, and a client whose
+// token it rejects: the client stops rather than retry.
+func ExampleWithAuthenticator() {
+	srv, _ := vgo.NewServer(
+		vgo.WithLogger(silent()),
+		vgo.WithAuthenticator(func(c *vgo.Conn, token []byte) error {
+			if string(token) != "let me in" {
+				return errors.New("unknown token")
+			}
+			return nil
+		}),
+	)
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	go srv.Serve(l)
+	defer srv.Close()
+
+	client, _ := vgo.NewClient(l.Addr().String(),
+		vgo.WithLogger(silent()),
+		vgo.WithCredentials(func(context.Context) ([]byte, error) { return []byte("guess"), nil }),
+	)
+	client.Start()
+	<-client.Done()
+	fmt.Println(errors.Is(client.Err(), vgo.ErrUnauthorized))
+	fmt.Println(client.Err())
+	// Output:
+	// true
+	// vgo: unauthorized: vgo: closed by peer: unauthorized: unknown token
+}
+
+// Messages sent while no server is reachable wait in the send buffer and
+// go out, in order, once the client connects.
+func ExampleWithSendBuffer() {
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := l.Addr().String()
+	l.Close() // no server yet
+
+	client, _ := vgo.NewClient(addr,
+		vgo.WithLogger(silent()),
+		vgo.WithBackoff(vgo.Backoff{BaseDelay: 10 * time.Millisecond}),
+		vgo.WithSendBuffer(100, 64<<10, vgo.BufferFailNew),
+	)
+	client.Start()
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, m := range []string{"one", "two", "three"} {
+		fmt.Println(m, client.Send(ctx, []byte(m)))
+	}
+
+	got := make(chan string, 3)
+	srv, _ := vgo.NewServer(vgo.WithLogger(silent()),
+		vgo.WithHandler(func(_ *vgo.Conn, msg []byte) { got <- string(msg) }))
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	go srv.Serve(l)
+	defer srv.Close()
+	fmt.Println(<-got, <-got, <-got)
+	// Output:
+	// one <nil>
+	// two <nil>
+	// three <nil>
+	// one two three
 }

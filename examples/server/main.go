@@ -11,8 +11,10 @@ package main
 import (
 	"context"
 	"errors"
+	"expvar"
 	"flag"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -30,16 +32,17 @@ func main() {
 	addr := flag.String("addr", ":9966", "TCP address to listen on")
 	timeout := flag.Duration("timeout", vgo.DefaultHeartbeatTimeout,
 		"close a client after this long without hearing from it; keep it above the clients' ping interval")
+	statsAddr := flag.String("stats", "", "address to publish the server's stats on through expvar at /debug/vars; empty for none")
 	flag.Parse()
 
 	log := newLogger(logrus.InfoLevel)
-	if err := run(*addr, *timeout, log); err != nil {
+	if err := run(*addr, *statsAddr, *timeout, log); err != nil {
 		log.WithField("err", err).Error("server failed")
 		os.Exit(1)
 	}
 }
 
-func run(addr string, timeout time.Duration, log *logrus.Logger) error {
+func run(addr, statsAddr string, timeout time.Duration, log *logrus.Logger) error {
 	srv, err := vgo.NewServer(
 		// vgo logs every connect and disconnect at info level itself. The
 		// callbacks below log those events instead, so vgo's own logger
@@ -70,6 +73,14 @@ func run(addr string, timeout time.Duration, log *logrus.Logger) error {
 		return err
 	}
 
+	if statsAddr != "" {
+		stop, err := publishStats(srv, statsAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
@@ -98,6 +109,29 @@ func run(addr string, timeout time.Duration, log *logrus.Logger) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// publishStats serves the server's counters as the expvar "vgo" at
+// http://statsAddr/debug/vars, and returns a function that stops serving.
+func publishStats(srv *vgo.Server, statsAddr string, log logrus.FieldLogger) (func(), error) {
+	expvar.Publish("vgo", expvar.Func(func() any { return srv.Stats() }))
+	l, err := net.Listen("tcp", statsAddr)
+	if err != nil {
+		return nil, err
+	}
+	hs := &http.Server{Handler: expvar.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if err := hs.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+			log.WithField("err", err).Warn("stats server failed")
+		}
+	}()
+	log.WithField("addr", "http://"+l.Addr().String()+"/debug/vars").Info("publishing stats")
+	return func() {
+		hs.Close()
+		<-served
+	}, nil
 }
 
 // newLogger returns a logger writing text lines with millisecond
