@@ -362,10 +362,12 @@ func (s *Server) Close() error {
 }
 
 // Shutdown stops the server gracefully: it stops accepting, sends every
-// connection a going-away close frame and closes it, then waits for the
-// connection goroutines to exit. If ctx ends first it returns ctx.Err();
-// call Close to finish the job. Serve returns ErrServerClosed. Like Close,
-// it must not be called from a handler or callback.
+// open connection a goodbye frame (see WithDrainWindow) and every
+// connection a going-away close frame, waits up to 250ms, less if ctx ends
+// sooner, for those frames to leave, closes the connections, then waits for
+// their goroutines to exit. If ctx ends first it returns ctx.Err(); call
+// Close to finish the job. Serve returns ErrServerClosed. Like Close, it
+// must not be called from a handler or callback.
 func (s *Server) Shutdown(ctx context.Context) error {
 	// Every connection gets its close frame at once, and the whole server
 	// waits once, briefly, for them to leave: a slow peer must not hold up
@@ -377,7 +379,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		goodbye = binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow))
 	}
 	for _, c := range conns {
-		if goodbye != nil {
+		s.mu.Lock()
+		opened := c.opened
+		s.mu.Unlock()
+		// Before its hello a connection may only be sent a close frame.
+		if goodbye != nil && opened {
 			// Ahead of the close frame, so the client has it when it
 			// plans its reconnect. Without room in time, it goes unsaid.
 			_ = c.l.write(closeCtx, frameGoodbye, goodbye)
@@ -426,7 +432,8 @@ func (s *Server) Stats() ServerStats {
 }
 
 // Len returns the number of open connections: those that have completed
-// the hello and not yet closed.
+// the hello and whose goroutine has not yet finished (a connection closed
+// while its handler runs counts until the handler returns).
 func (s *Server) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -451,8 +458,9 @@ func (s *Server) Range(fn func(c *Conn) bool) {
 	}
 }
 
-// Broadcast sends payload to every open connection and returns how many it
-// was written to. A connection whose write fails is torn down as by Send.
+// Broadcast sends payload to every open connection and returns how many
+// accepted it, with the meaning Send gives to accepting. A connection whose
+// write fails is torn down as by Send.
 func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
 	n := 0
 	s.Range(func(c *Conn) bool {
