@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// clockTick is the unit of utime and stime in /proc/<pid>/stat. USER_HZ is
+// 100 on every Linux architecture Go supports; reading it would need cgo.
+const clockTick = 10 * time.Millisecond
+
+// readRSS returns a process's resident set size (VmRSS) in bytes.
+func readRSS(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		rest, ok := strings.CutPrefix(line, "VmRSS:")
+		if !ok {
+			continue
+		}
+		kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("VmRSS of %d: %w", pid, err)
+		}
+		return kb << 10, nil
+	}
+	return 0, fmt.Errorf("no VmRSS for %d", pid)
+}
+
+// readCPU returns the CPU time a process has used so far, user plus system
+// (utime + stime).
+func readCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, field 2, is in parentheses and may contain spaces;
+	// the fields after it start with the state, field 3.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	var ticks uint64
+	for _, s := range f[11:13] { // utime (field 14) and stime (field 15)
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * clockTick, nil
+}
+
+// countFDs returns how many file descriptors a process has open.
+func countFDs(pid int) (int, error) {
+	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	return len(entries), err
+}
+
+// machineCPU is the machine's CPU time from the first line of /proc/stat,
+// summed over all CPUs.
+type machineCPU struct {
+	busy    time.Duration // user, nice, system, irq, softirq, steal
+	softirq time.Duration // part of busy; loopback traffic is processed here
+	total   time.Duration // busy plus idle and iowait
+}
+
+func readMachineCPU() (machineCPU, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return machineCPU{}, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return machineCPU{}, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var v [8]uint64 // user nice system idle iowait irq softirq steal
+	for i := range v {
+		if v[i], err = strconv.ParseUint(f[i+1], 10, 64); err != nil {
+			return machineCPU{}, fmt.Errorf("/proc/stat: %w", err)
+		}
+	}
+	tick := func(n uint64) time.Duration { return time.Duration(n) * clockTick }
+	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+	return machineCPU{
+		busy:    tick(busy),
+		softirq: tick(v[6]),
+		total:   tick(busy + v[3] + v[4]),
+	}, nil
+}
+
+func (m machineCPU) sub(o machineCPU) machineCPU {
+	return machineCPU{busy: m.busy - o.busy, softirq: m.softirq - o.softirq, total: m.total - o.total}
+}
+
+// timeWaitBySource counts the sockets in TIME_WAIT whose local address is
+// one of the clients' source addresses. Left over from an earlier run, they
+// hold source ports for a minute.
+func timeWaitBySource(sources int) int {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return -1
+	}
+	want := make(map[string]bool, sources)
+	for i := range sources {
+		ip := sourceIP(i).To4()
+		// /proc/net/tcp prints the address as a little-endian hex word.
+		want[fmt.Sprintf("%02X%02X%02X%02X", ip[3], ip[2], ip[1], ip[0])] = true
+	}
+	n := 0
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != "06" { // 06 is TCP_TIME_WAIT
+			continue
+		}
+		addr, _, _ := strings.Cut(f[1], ":")
+		if want[addr] {
+			n++
+		}
+	}
+	return n
+}
+
+// fdLimit returns a process's soft limit on open files as /proc shows it.
+func fdLimit(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		return "unknown"
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "Max open files"); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				return f[0]
+			}
+		}
+	}
+	return "unknown"
+}

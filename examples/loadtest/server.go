@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/vgonet/vgo"
+)
+
+// runServer is the server process: a vgo server with heartbeats on, which
+// counts pings and closes, reports its connection count once a second and
+// answers the parent's commands until quit, end of input or ctx.
+func runServer(ctx context.Context, cfg config, log *logrus.Entry) error {
+	var opened, closed, stale, pings atomic.Uint64
+	srv, err := vgo.NewServer(
+		vgo.WithLogger(libLogger(cfg, log)),
+		vgo.WithHeartbeatTimeout(cfg.serverTimeout),
+		vgo.WithOnPing(func(*vgo.Conn) { pings.Add(1) }),
+		vgo.WithOnConnOpen(func(*vgo.Conn) { opened.Add(1) }),
+		vgo.WithOnConnClose(func(_ *vgo.Conn, err error) {
+			closed.Add(1)
+			if errors.Is(err, vgo.ErrHeartbeatTimeout) {
+				stale.Add(1)
+			}
+		}),
+	)
+	if err != nil {
+		return err
+	}
+	inner, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return err
+	}
+	ln := &watchedListener{Listener: inner}
+	out := newOutput(os.Stdout)
+	cmds := readCommands()
+	defer cmds.stop()
+
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	served := make(chan error, 1)
+	wg.Go(func() { served <- srv.Serve(ln) })
+	wg.Go(func() {
+		tick(ctx, time.Second, func() {
+			_ = out.send(msgProgress, serverProgress{Conns: srv.Len(), Pings: pings.Load()})
+		})
+	})
+	defer func() {
+		cancel()
+		srv.Close()
+		wg.Wait()
+	}()
+
+	log.WithFields(logrus.Fields{"addr": ln.Addr().String(), "timeout": cfg.serverTimeout}).Info("server listening")
+	if err := out.send(msgReady, readyMsg{PID: os.Getpid(), Addr: ln.Addr().String()}); err != nil {
+		return err
+	}
+
+	stats := func() serverStats {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return serverStats{
+			Conns:         srv.Len(),
+			Opened:        opened.Load(),
+			Closed:        closed.Load(),
+			Stale:         stale.Load(),
+			Pings:         pings.Load(),
+			HeapAlloc:     ms.HeapAlloc,
+			HeapInuse:     ms.HeapInuse,
+			HeapSys:       ms.HeapSys,
+			HeapReleased:  ms.HeapReleased,
+			StackInuse:    ms.StackInuse,
+			Sys:           ms.Sys,
+			Goroutines:    runtime.NumGoroutine(),
+			NumGC:         ms.NumGC,
+			AcceptErrors:  ln.errs.Load(),
+			LastAcceptErr: ln.lastErr(),
+		}
+	}
+	var prof profiler
+	defer prof.stop()
+	for {
+		select {
+		case <-ctx.Done():
+			// A signal or the deadline: the parent gets the same and
+			// reports it.
+			log.WithField("cause", context.Cause(ctx)).Info("stopping")
+			return nil
+		case err := <-served:
+			return fmt.Errorf("serve: %w", err)
+		case line, ok := <-cmds.C:
+			if !ok {
+				log.Info("parent gone; stopping")
+				return nil
+			}
+			name, arg := splitCommand(line)
+			var err error
+			switch name {
+			case cmdStats:
+				err = out.send(name, stats())
+			case cmdGC:
+				runtime.GC()
+				debug.FreeOSMemory()
+				err = out.send(name, stats())
+			case cmdProfileStart:
+				err = reply(out, name, prof.start(arg))
+			case cmdProfileStop:
+				err = reply(out, name, prof.stop())
+			case cmdHeapProfile:
+				runtime.GC() // the profile shows the heap as of the last collection
+				err = reply(out, name, writeHeapProfile(arg))
+			case cmdQuit:
+				log.Info("stopping")
+				return nil
+			default:
+				err = out.send(msgError, fmt.Sprintf("unknown command %q", line))
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// reply answers a command that returns nothing but its outcome.
+func reply(out *output, name string, err error) error {
+	if err != nil {
+		return out.send(msgError, fmt.Sprintf("%s: %v", name, err))
+	}
+	return out.send(name, struct{}{})
+}
+
+// watchedListener counts failed accepts, such as running out of file
+// descriptors, which vgo retries and logs only at warn level.
+type watchedListener struct {
+	net.Listener
+	errs atomic.Uint64
+	mu   sync.Mutex
+	last string
+}
+
+func (l *watchedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		l.errs.Add(1)
+		l.mu.Lock()
+		l.last = classify(err)
+		l.mu.Unlock()
+	}
+	return c, err
+}
+
+func (l *watchedListener) lastErr() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.last
+}
