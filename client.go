@@ -292,8 +292,9 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	wg.Go(func() { c.readLoop(l, hb) })
 	if hb.interval > 0 {
 		wg.Go(func() {
-			ping := func(ctx context.Context, p []byte) error { return l.write(ctx, framePing, p) }
-			if err := hb.run(l.done, ping); err != nil {
+			ping := func(p []byte) error { return l.writeControl(framePing, p) }
+			first := time.Duration((1 - c.opts.rand()/2) * float64(hb.interval))
+			if err := hb.run(l.done, first, ping); err != nil {
 				l.shutdown(err)
 			}
 		})
@@ -344,7 +345,7 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 				fn(p)
 			}
 		case framePing:
-			if l.write(c.ctx, framePong, p) != nil {
+			if err := l.writeControl(framePong, p); err != nil && err != errQueueFull {
 				return
 			}
 		case framePong:

@@ -66,6 +66,7 @@ type link struct {
 	directs  int    // direct writers waiting: queued writes hold back for them
 	progress chan struct{}
 	hdr      [headerSize]byte
+	ctrl     []byte      // a control frame written by its sender
 	iov      [2][]byte   // header and payload of a direct write
 	bufs     net.Buffers // views iov; a field so WriteTo does not allocate
 
@@ -168,6 +169,55 @@ func (l *link) write(ctx context.Context, t frameType, payload []byte) error {
 		l.startFlusherLocked()
 	}
 	l.mu.Unlock()
+	return nil
+}
+
+// errQueueFull is returned by writeControl when the send queue has no room.
+var errQueueFull = errors.New("vgo: send queue full")
+
+// writeControl sends a ping or a pong without waiting. On an idle link the
+// caller writes the frame itself, which spares starting the flusher for
+// the one frame that heartbeats send at a time; on a busy link the frame
+// joins the queue. When the queue is full it sends nothing and returns
+// errQueueFull: data is flowing then, and any frame tells the peer the link
+// is alive.
+func (l *link) writeControl(t frameType, payload []byte) error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return l.closedErr
+	}
+	if l.writing || len(l.queue) > 0 || l.directs > 0 {
+		if len(l.queue)+headerSize+len(payload) > sendQueueLimit {
+			l.mu.Unlock()
+			return errQueueFull
+		}
+		l.queue = appendFrame(l.queue, t, payload)
+		if !l.writing {
+			l.startFlusherLocked()
+		}
+		l.mu.Unlock()
+		return nil
+	}
+	l.writing = true
+	l.mu.Unlock()
+
+	l.ctrl = appendFrame(l.ctrl[:0], t, payload)
+	err := l.nc.SetWriteDeadline(l.writeDeadline())
+	if err == nil {
+		_, err = l.nc.Write(l.ctrl)
+	}
+
+	l.mu.Lock()
+	l.writing = false
+	if err == nil && !l.closed && len(l.queue) > 0 {
+		l.startFlusherLocked()
+	}
+	l.signalLocked()
+	l.mu.Unlock()
+	if err != nil {
+		return l.fail(fmt.Errorf("vgo: write %s frame: %w", t, err))
+	}
 	return nil
 }
 

@@ -298,7 +298,7 @@ func TestFaultReconnectStorm(t *testing.T) {
 	connected := make(chan struct{}, 2*clients)
 	for range clients {
 		newTestClient(t, addr, WithDialFunc(dial),
-			WithBackoff(Backoff{}), // the defaults: 1s base, ±20% jitter
+			WithBackoff(Backoff{BaseDelay: 500 * time.Millisecond}), // default ±60% jitter
 			WithOnConnect(func(net.Addr) { connected <- struct{}{} }))
 	}
 	for range clients {

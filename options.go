@@ -162,8 +162,8 @@ func WithDialTimeout(d time.Duration) ClientOption {
 	return clientOption(func(o *clientOptions) { o.dialTimeout = d })
 }
 
-// WithBackoff sets the delays between dial attempts. Zero fields take their
-// defaults from DefaultBackoff.
+// WithBackoff sets the delays between dial attempts. Zero fields take the
+// defaults documented on Backoff: 5s, ×1.6, ±60%, at most 30s.
 func WithBackoff(b Backoff) ClientOption {
 	return clientOption(func(o *clientOptions) { o.backoff = b })
 }

@@ -285,7 +285,7 @@ func (s *Server) readLoop(c *Conn) error {
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
 			}
-			if c.l.write(context.Background(), framePong, p) != nil {
+			if err := c.l.writeControl(framePong, p); err != nil && err != errQueueFull {
 				return nil
 			}
 		case framePong:
