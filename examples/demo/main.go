@@ -239,7 +239,7 @@ func (d *demo) connect(ctx context.Context) error {
 		vgo.WithLogger(log),
 		vgo.WithPingInterval(pingInterval),
 		vgo.WithPongTimeout(pongTimeout),
-		vgo.WithBackoff(vgo.Backoff{BaseDelay: backoffBase, MaxDelay: backoffMax}),
+		vgo.WithBackoff(vgo.Backoff{BaseDelay: backoffBase, Jitter: 0.2, MaxDelay: backoffMax}),
 		vgo.WithOnPong(func(rtt time.Duration) {
 			log.WithField("rtt", rtt).Info("pong")
 			notify(d.pongs, rtt)

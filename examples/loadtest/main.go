@@ -63,11 +63,11 @@
 //	-interval        client ping interval (default 5s)
 //	-timeout         client pong timeout (default 3s, the library's)
 //	-server-timeout  server heartbeat timeout (default 3 x interval)
-//	-backoff-base    first reconnect delay (default 1s, the library's)
-//	-backoff-max     largest reconnect delay before jitter (default 30s)
+//	-backoff-base    first reconnect delay (default 5s, the library's)
+//	-backoff-max     largest reconnect delay, jitter included (default 30s)
 //	-backoff-mult    growth of the delay per failed attempt (default 1.6)
 //	-jitter          fraction by which each delay is randomly shortened or
-//	                 lengthened, 0 to 1; 0 means none (default 0.2)
+//	                 lengthened, 0 to 1; 0 means none (default 0.6)
 //	-ramp            dials in flight per client process while connecting
 //	                 (default 200; 0 means all at once)
 //	-bind-no-port    set IP_BIND_ADDRESS_NO_PORT on the clients' sockets, so
@@ -123,10 +123,10 @@ const (
 // The library's backoff defaults, repeated here because vgo does not export
 // them (see vgo.Backoff); the flags show them as their defaults.
 const (
-	defaultBackoffBase = time.Second
+	defaultBackoffBase = 5 * time.Second
 	defaultBackoffMax  = 30 * time.Second
 	defaultBackoffMult = 1.6
-	defaultJitter      = 0.2
+	defaultJitter      = 0.6
 )
 
 // config holds every flag; the parent passes children the ones they need.
@@ -175,7 +175,7 @@ func parseFlags() (config, error) {
 	fs.DurationVar(&c.timeout, "timeout", vgo.DefaultPongTimeout, "client pong timeout")
 	fs.DurationVar(&c.serverTimeout, "server-timeout", 0, "server heartbeat timeout (0: 3 x interval)")
 	fs.DurationVar(&c.backoffBase, "backoff-base", defaultBackoffBase, "first reconnect delay")
-	fs.DurationVar(&c.backoffMax, "backoff-max", defaultBackoffMax, "largest reconnect delay before jitter")
+	fs.DurationVar(&c.backoffMax, "backoff-max", defaultBackoffMax, "largest reconnect delay, jitter included")
 	fs.Float64Var(&c.backoffMult, "backoff-mult", defaultBackoffMult, "growth of the reconnect delay per failed attempt")
 	fs.Float64Var(&c.jitter, "jitter", defaultJitter, "fraction, 0 to 1, by which each reconnect delay is randomly spread; 0: none")
 	fs.IntVar(&c.ramp, "ramp", 200, "dials in flight per client process while connecting (0: all at once)")
