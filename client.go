@@ -293,8 +293,7 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	if hb.interval > 0 {
 		wg.Go(func() {
 			ping := func(p []byte) error { return l.writeControl(framePing, p) }
-			first := time.Duration((1 - c.opts.rand()/2) * float64(hb.interval))
-			if err := hb.run(l.done, first, ping); err != nil {
+			if err := hb.run(l.done, ping); err != nil {
 				l.shutdown(err)
 			}
 		})

@@ -54,14 +54,16 @@ func (h *heartbeat) pong(p []byte) (time.Duration, bool) {
 	return time.Duration(now - sent), true
 }
 
-// run sends a ping every interval, the first one after first, until done
-// is closed. Clients that connect together start their pings at different
-// moments, so that they do not ping in step. run returns
+// run sends a ping every interval until done is closed. It returns
 // ErrHeartbeatTimeout when the oldest unanswered ping has gone without any
 // inbound frame for the pong timeout, so a dead link is found at most
 // interval + timeout after its last frame, or the error of a failed ping.
-func (h *heartbeat) run(done <-chan struct{}, first time.Duration, send func(payload []byte) error) error {
-	tick := time.NewTimer(first)
+//
+// Pings are not staggered on purpose: clients that connect in a burst ping
+// in step, which lets the server answer many pings per wake-up; spread out,
+// the same pings cost it twice the CPU (BENCHMARKS.md).
+func (h *heartbeat) run(done <-chan struct{}, send func(payload []byte) error) error {
+	tick := time.NewTicker(h.interval)
 	defer tick.Stop()
 	expiry := time.NewTimer(h.timeout)
 	expiry.Stop()
@@ -80,7 +82,6 @@ func (h *heartbeat) run(done <-chan struct{}, first time.Duration, send func(pay
 			}
 			pending = -1
 		case <-tick.C:
-			tick.Reset(h.interval)
 			now := h.now()
 			if pending >= 0 && h.lastRecv.Load() > pending {
 				pending = -1
