@@ -152,27 +152,31 @@ func (r *frameReader) next() (frameType, []byte, error) {
 	return t, p, nil
 }
 
-// readLarge reads a payload of n bytes, more than the read buffer holds. The
-// buffer grows with the bytes that actually arrive, so a peer that announces
-// a large frame and sends little of it costs little memory. A buffer larger
-// than keepReadBuffer is not kept for the next frame.
+// readLarge reads a payload of n bytes, more than the read buffer holds. A
+// new buffer starts at no more than keepReadBuffer and doubles as bytes
+// arrive, so a peer that announces a large frame and sends little of it
+// costs little memory. Buffers up to keepReadBuffer are kept for the next
+// frame; larger ones are left to the collector once the frame is handled.
 func (r *frameReader) readLarge(n int) ([]byte, error) {
-	if cap(r.buf) > keepReadBuffer {
-		r.buf = nil
-	}
 	p := r.buf[:0]
+	if cap(p) < n {
+		p = make([]byte, 0, min(n, keepReadBuffer))
+	}
 	for len(p) < n {
 		if len(p) == cap(p) {
-			p = slices.Grow(p, min(n-len(p), max(len(p), 16<<10)))
+			p = slices.Grow(p, min(n, 2*cap(p))-len(p))
 		}
 		m, err := r.br.Read(p[len(p):min(cap(p), n)])
 		p = p[:len(p)+m]
 		if err != nil {
-			r.buf = p
 			return nil, err
 		}
 	}
-	r.buf = p
+	if cap(p) <= keepReadBuffer {
+		r.buf = p
+	} else {
+		r.buf = nil
+	}
 	return p, nil
 }
 
