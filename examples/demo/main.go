@@ -12,6 +12,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -380,12 +381,19 @@ func (d *demo) silentPeer(ctx context.Context) error {
 		return fmt.Errorf("send hello: %w", err)
 	}
 	log.WithField("frame", fmt.Sprintf("% x", hello)).Info("sent a hello; now silent")
-	reply := make([]byte, len(hello))
-	if _, err := io.ReadFull(nc, reply); err != nil {
+	// The server's hello may carry fields after the version, such as the
+	// ping intervals it accepts: read the whole frame its header announces.
+	header := make([]byte, 5)
+	if _, err := io.ReadFull(nc, header); err != nil {
 		return fmt.Errorf("read the server's hello: %w", err)
 	}
-	if !bytes.Equal(reply, hello) {
-		return fmt.Errorf("the server answered % x, want its hello % x", reply, hello)
+	payload := make([]byte, binary.BigEndian.Uint32(header[1:]))
+	if _, err := io.ReadFull(nc, payload); err != nil {
+		return fmt.Errorf("read the server's hello: %w", err)
+	}
+	reply := append(header, payload...)
+	if header[0] != 0x01 || !bytes.HasPrefix(payload, hello[5:]) {
+		return fmt.Errorf("the server answered % x, want a hello starting % x", reply, hello)
 	}
 	log.WithField("frame", fmt.Sprintf("% x", reply)).Info("the server answered with its hello")
 
