@@ -2,6 +2,7 @@ package vgo
 
 import (
 	"context"
+	"errors"
 	"net"
 	"runtime"
 	"sync"
@@ -184,24 +185,37 @@ func TestFaultFlapping(t *testing.T) {
 
 func TestFaultServerStopsReading(t *testing.T) {
 	// A server whose handler hangs reads nothing more: the client's queue
-	// and socket fill up, and the link is torn down by the write deadline
-	// or the heartbeat, whichever comes first, never left hanging.
-	release := make(chan struct{})
-	defer close(release)
-	r := newFaultRig(t, []ServerOption{
-		WithHeartbeatTimeout(-1),
-		WithHandler(func(*Conn, []byte) { <-release }),
-	}, WithWriteTimeout(200*time.Millisecond))
-	start := time.Now()
-	payload := make([]byte, 16<<10)
-	for r.client.Send(context.Background(), payload) == nil {
-		require.Less(t, time.Since(start), waitFor, "Send never failed")
+	// and socket fill up, and the link is torn down, never left hanging:
+	// by the heartbeat, since no pong comes back either, or with heartbeats
+	// off by the write deadline.
+	for _, tc := range []struct {
+		name      string
+		opts      []ClientOption
+		heartbeat bool
+	}{
+		{"heartbeat", nil, true},
+		{"write deadline", []ClientOption{WithPingInterval(-1)}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			release := make(chan struct{})
+			defer close(release)
+			r := newFaultRig(t, []ServerOption{
+				WithHeartbeatTimeout(-1),
+				WithHandler(func(*Conn, []byte) { <-release }),
+			}, append([]ClientOption{WithWriteTimeout(200 * time.Millisecond)}, tc.opts...)...)
+			start := time.Now()
+			payload := make([]byte, 16<<10)
+			for r.client.Send(context.Background(), payload) == nil {
+				require.Less(t, time.Since(start), waitFor, "Send never failed")
+			}
+			err, took := r.disconnected(t, start)
+			var ne net.Error
+			require.ErrorAs(t, err, &ne)
+			assert.True(t, ne.Timeout(), "%v", err)
+			assert.Equal(t, tc.heartbeat, errors.Is(err, ErrHeartbeatTimeout), "%v", err)
+			t.Logf("server stops reading: torn down after %v by %v", took, err)
+		})
 	}
-	err, took := r.disconnected(t, start)
-	var ne net.Error
-	require.ErrorAs(t, err, &ne)
-	assert.True(t, ne.Timeout(), "%v", err)
-	t.Logf("server stops reading: torn down after %v by %v", took, err)
 }
 
 func TestFaultClientStopsReading(t *testing.T) {
