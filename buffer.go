@@ -2,13 +2,8 @@ package vgo
 
 import (
 	"context"
-	"errors"
 	"fmt"
 )
-
-// ErrBufferFull is returned by Client.Send while disconnected when the send
-// buffer has no room and its policy is BufferFailNew.
-var ErrBufferFull = errors.New("vgo: send buffer full")
 
 // BufferPolicy says what Client.Send does, while disconnected, with a
 // message that does not fit in the send buffer.
@@ -104,32 +99,21 @@ func (c *Client) buffer(ctx context.Context, payload []byte) error {
 	return nil
 }
 
-// publish makes l the client's connection, after writing to it, in order,
-// every message buffered while there was none, including those sent while
-// this runs. It reports false if l failed first; the messages not written
-// then stay buffered for the next connection.
-func (c *Client) publish(l *link) bool {
-	for {
-		c.mu.Lock()
-		if len(c.sendBuf.msgs) == 0 {
-			c.link = l
-			c.setStateLocked(StateConnected)
-			c.sendBuf.wake()
-			c.mu.Unlock()
-			return true
-		}
-		msgs := c.sendBuf.take()
-		c.mu.Unlock()
-		for i, m := range msgs {
-			if err := l.write(c.ctx, frameData, m); err != nil {
-				c.mu.Lock()
-				c.sendBuf.msgs = append(msgs[i:], c.sendBuf.msgs...)
-				for _, m := range msgs[i:] {
-					c.sendBuf.bytes += len(m)
-				}
-				c.mu.Unlock()
-				return false
-			}
+// publish makes l the connection Send writes to, with every message
+// buffered while there was none queued on it first, in order. The backlog
+// is queued whole, beyond the queue's usual bound, so that publishing never
+// waits on the network: the reader is not running yet, and a server that
+// answers the backlog must not find both directions full.
+func (c *Client) publish(l *link) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if msgs := c.sendBuf.take(); len(msgs) > 0 && !l.queueAll(msgs) {
+		// l is already down: keep the messages for the next one.
+		c.sendBuf.msgs = msgs
+		for _, m := range msgs {
+			c.sendBuf.bytes += len(m)
 		}
 	}
+	c.link = l
+	c.setStateLocked(StateConnected)
 }

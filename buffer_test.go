@@ -114,3 +114,92 @@ func TestSendBufferValidation(t *testing.T) {
 		assert.ErrorIs(t, err, ErrInvalidOption, name)
 	}
 }
+
+func TestSendBufferBacklogMeetsAnsweringServer(t *testing.T) {
+	// A backlog larger than the socket buffers goes to an echo server: the
+	// client reads the echoes while it writes, so neither side stalls and
+	// every message arrives, in order.
+	const messages = 400
+	addr := freeAddr(t)
+	echoed := make(chan int, messages)
+	disconnects := make(chan error, 10)
+	c := newTestClient(t, addr, WithSendBuffer(messages, messages<<14, BufferFailNew),
+		WithWriteTimeout(2*time.Second),
+		WithOnMessage(func(msg []byte) { echoed <- int(msg[0]) | int(msg[1])<<8 }),
+		WithOnDisconnect(func(err error) { disconnects <- err }))
+	for i := range messages {
+		msg := make([]byte, 16<<10)
+		msg[0], msg[1] = byte(i), byte(i>>8)
+		require.NoError(t, c.Send(testContext(t), msg))
+	}
+	l, err := net.Listen("tcp", addr)
+	require.NoError(t, err)
+	startServerOn(t, l, echoHandler(t))
+	for i := range messages {
+		require.Equal(t, i, recv(t, echoed))
+	}
+	assert.Empty(t, disconnects)
+}
+
+func TestCloseWhileBacklogBlocked(t *testing.T) {
+	// The server reads nothing, so the backlog fills the connection and
+	// stops; Close must still return promptly.
+	l := listen(t)
+	connected := make(chan struct{}, 1)
+	c := newTestClient(t, l.Addr().String(), WithSendBuffer(1000, 64<<20, BufferFailNew),
+		WithOnConnect(func(net.Addr) {
+			select {
+			case connected <- struct{}{}:
+			default:
+			}
+		}))
+	// Until the server answers the hello the client is not connected, so
+	// all of these are buffered.
+	for range 1000 {
+		require.NoError(t, c.Send(testContext(t), make([]byte, 16<<10)))
+	}
+	stop := make(chan struct{})
+	accepted := make(chan struct{})
+	go func() {
+		defer close(accepted)
+		nc, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		if _, err := acceptHello(nc); err == nil {
+			<-stop
+		}
+	}()
+	t.Cleanup(func() {
+		close(stop)
+		<-accepted
+	})
+	recv(t, connected)
+	closeWithin(t, c, 2*closeFrameTimeout+time.Second)
+}
+
+func TestSendDuringCloseReportsClosed(t *testing.T) {
+	// A Send blocked on a connection that stopped draining returns
+	// ErrClosed when the client closes, never nil.
+	stop := make(chan struct{})
+	rs := newRawServer(t, func(nc net.Conn) {
+		if _, err := acceptHello(nc); err == nil {
+			<-stop
+		}
+	})
+	t.Cleanup(func() { close(stop) })
+	c := newTestClient(t, rs.addr(), WithSendBuffer(10, 1<<20, BufferFailNew), WithWriteTimeout(time.Hour))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	last := make(chan error, 1)
+	go func() {
+		var err error
+		for err == nil {
+			err = c.Send(context.Background(), make([]byte, 16<<10))
+		}
+		last <- err
+	}()
+	require.Eventually(t, func() bool { return c.Stats().MessagesOut > 100 }, waitFor, time.Millisecond)
+	require.NoError(t, c.Close())
+	assert.ErrorIs(t, recv(t, last), ErrClosed)
+}

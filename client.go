@@ -165,12 +165,21 @@ func (c *Client) Send(ctx context.Context, payload []byte) error {
 	}
 	c.mu.Unlock()
 	if err := l.write(ctx, frameData, payload); err != nil {
-		if errors.Is(err, ErrNotConnected) && c.sendBuf.enabled() {
-			// The connection died under this Send: keep the message
-			// for the next one.
-			c.mu.Lock()
-			return c.buffer(ctx, payload)
+		if !errors.Is(err, ErrNotConnected) {
+			return err
 		}
+		// The connection died under this Send, perhaps because the
+		// client is closing.
+		c.mu.Lock()
+		switch {
+		case c.err != nil:
+			err = c.err
+		case c.ctx.Err() != nil:
+			err = ErrClosed
+		case c.sendBuf.enabled():
+			return c.buffer(ctx, payload) // for the next connection
+		}
+		c.mu.Unlock()
 		return err
 	}
 	c.stats.msgsOut.Add(1)
@@ -216,7 +225,7 @@ func (c *Client) Done() <-chan struct{} {
 }
 
 // Err returns nil while the client runs, and why it stopped afterwards:
-// ErrClosed after Close, or an error wrapping ErrGaveUp.
+// ErrClosed after Close, or an error wrapping ErrGaveUp or ErrUnauthorized.
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -275,12 +284,7 @@ func (c *Client) setStateLocked(s State) {
 func (c *Client) serve(l *link, hb *heartbeat) error {
 	remote := l.nc.RemoteAddr()
 	log := c.log.WithField("local", l.nc.LocalAddr().String())
-	if !c.publish(l) {
-		// It died while taking the buffered messages: nothing was
-		// reported connected, so nothing is reported lost.
-		l.wait()
-		return l.cause()
-	}
+	c.publish(l)
 	c.stats.connects.Add(1)
 	c.stats.connectedSince.Store(time.Now().UnixNano())
 	log.Info("connected")

@@ -597,13 +597,12 @@ func TestClientCallbackOrder(t *testing.T) {
 		events = append(events, e)
 		mu.Unlock()
 	}
-	s, addr := startServer(t, WithOnConnOpen(func(c *Conn) {
+	_, addr := startServer(t, WithOnConnOpen(func(c *Conn) {
 		for i := range 3 {
 			assert.NoError(t, c.Send(context.Background(), []byte{byte('0' + i)}))
 		}
 		assert.NoError(t, c.Close())
 	}))
-	_ = s
 	reconnected := make(chan struct{}, 10)
 	newTestClient(t, addr,
 		WithOnConnect(func(net.Addr) { record("connect") }),

@@ -172,6 +172,23 @@ func (l *link) write(ctx context.Context, t frameType, payload []byte) error {
 	return nil
 }
 
+// queueAll queues data frames for msgs, whatever their size, without
+// waiting; it reports false if the link is down.
+func (l *link) queueAll(msgs [][]byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	for _, m := range msgs {
+		l.queue = appendFrame(l.queue, frameData, m)
+	}
+	if !l.writing {
+		l.startFlusherLocked()
+	}
+	return true
+}
+
 // errQueueFull is returned by writeControl when the send queue has no room.
 var errQueueFull = errors.New("vgo: send queue full")
 

@@ -35,6 +35,10 @@ var (
 	// frame size, and wrapped when a peer announces such a frame.
 	ErrFrameTooLarge = errors.New("vgo: frame too large")
 
+	// ErrBufferFull is returned by Client.Send while disconnected when the
+	// send buffer has no room and its policy is BufferFailNew.
+	ErrBufferFull = errors.New("vgo: send buffer full")
+
 	// ErrUnauthorized is reported when the server's authenticator rejected
 	// the client's credentials. The client stops, unless configured with
 	// WithRetryOnAuthFailure; the error wraps the server's *CloseError.
@@ -95,7 +99,9 @@ func (c CloseCode) String() string {
 // CloseError is the cause of a disconnect when the peer sent a close frame
 // before closing. Retrieve it with errors.As.
 type CloseError struct {
-	Code   CloseCode
+	// Code says why, in a form programs can act on.
+	Code CloseCode
+	// Reason is the peer's explanation for people; it may be empty.
 	Reason string
 }
 

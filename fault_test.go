@@ -67,12 +67,12 @@ func newProxy(t *testing.T, target string) *vgotest.Proxy {
 	return p
 }
 
-// disconnected waits for the client's next disconnect and returns its cause
-// and how long it took from start.
-func (r *faultRig) disconnected(t *testing.T, start time.Time) (error, time.Duration) {
+// disconnected waits for the client's next disconnect and returns how long
+// it took from start, and its cause.
+func (r *faultRig) disconnected(t *testing.T, start time.Time) (time.Duration, error) {
 	t.Helper()
 	err := recv(t, r.disconnects)
-	return err, time.Since(start)
+	return time.Since(start), err
 }
 
 func TestFaultServerProcessGone(t *testing.T) {
@@ -81,7 +81,7 @@ func TestFaultServerProcessGone(t *testing.T) {
 	r := newFaultRig(t, nil)
 	start := time.Now()
 	r.proxy.Cut()
-	err, took := r.disconnected(t, start)
+	took, err := r.disconnected(t, start)
 	assert.NotErrorIs(t, err, ErrHeartbeatTimeout, "a reset is seen directly: %v", err)
 	assert.Error(t, recv(t, r.serverLost))
 	back := recv(t, r.connects).Sub(start)
@@ -113,7 +113,7 @@ func TestFaultBlackHole(t *testing.T) {
 	r := newFaultRig(t, nil)
 	start := time.Now()
 	r.proxy.Freeze()
-	err, took := r.disconnected(t, start)
+	took, err := r.disconnected(t, start)
 	require.ErrorIs(t, err, ErrHeartbeatTimeout)
 	assert.GreaterOrEqual(t, took, faultTimeout, "declared dead before the pong timeout")
 	serverErr := recv(t, r.serverLost)
@@ -134,7 +134,7 @@ func TestFaultHalfOpen(t *testing.T) {
 	start := time.Now()
 	r.proxy.DropServer()
 	assert.Error(t, recv(t, r.serverLost), "the server sees the reset at once")
-	err, took := r.disconnected(t, start)
+	took, err := r.disconnected(t, start)
 	require.ErrorIs(t, err, ErrHeartbeatTimeout)
 	t.Logf("half-open: client detected in %v (bound %v)", took, faultInterval+faultTimeout)
 	recv(t, r.connects)
@@ -208,7 +208,7 @@ func TestFaultServerStopsReading(t *testing.T) {
 			for r.client.Send(context.Background(), payload) == nil {
 				require.Less(t, time.Since(start), waitFor, "Send never failed")
 			}
-			err, took := r.disconnected(t, start)
+			took, err := r.disconnected(t, start)
 			var ne net.Error
 			require.ErrorAs(t, err, &ne)
 			assert.True(t, ne.Timeout(), "%v", err)
@@ -265,7 +265,7 @@ func TestFaultLatency(t *testing.T) {
 	t.Run("above the pong timeout is dead", func(t *testing.T) {
 		r := newFaultRig(t, nil, WithBackoff(Backoff{BaseDelay: time.Hour}))
 		r.proxy.SetLatency(vgotest.ServerToClient, 2*faultTimeout)
-		err, took := r.disconnected(t, time.Now())
+		took, err := r.disconnected(t, time.Now())
 		require.ErrorIs(t, err, ErrHeartbeatTimeout)
 		t.Logf("latency %v over a %v pong timeout: dropped after %v", 2*faultTimeout, faultTimeout, took)
 	})
@@ -311,7 +311,10 @@ func TestFaultReconnectStorm(t *testing.T) {
 	}
 	connected := make(chan struct{}, 2*clients)
 	for range clients {
+		// Heartbeats slow enough that 200 clients under the race
+		// detector on two cores are not dropped as dead meanwhile.
 		newTestClient(t, addr, WithDialFunc(dial),
+			WithPingInterval(time.Second), WithPongTimeout(5*time.Second),
 			WithBackoff(Backoff{BaseDelay: 500 * time.Millisecond}), // default ±60% jitter
 			WithOnConnect(func(net.Addr) { connected <- struct{}{} }))
 	}

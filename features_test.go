@@ -104,13 +104,24 @@ func TestHeartbeatNegotiation(t *testing.T) {
 		require.Eventually(t, func() bool { return c.RTT() > 0 }, waitFor, time.Millisecond)
 	})
 	t.Run("too fast is slowed down", func(t *testing.T) {
+		c := newTestClient(t, addr, WithPingInterval(time.Millisecond))
+		require.NoError(t, c.WaitConnected(testContext(t)))
 		for len(pings) > 0 {
 			<-pings
 		}
-		c := newTestClient(t, addr, WithPingInterval(time.Millisecond))
-		require.NoError(t, c.WaitConnected(testContext(t)))
-		require.Eventually(t, func() bool { return c.Stats().RTTLast > 0 }, waitFor, time.Millisecond)
-		assert.Equal(t, 30*time.Millisecond, c.negotiate(hello{minPing: 30 * time.Millisecond, maxPing: 60 * time.Millisecond}))
+		// At 1ms, 300ms would bring some 300 pings; at the server's 30ms
+		// minimum, about 10.
+		start := time.Now()
+		n := 0
+		for time.Since(start) < 300*time.Millisecond {
+			select {
+			case <-pings:
+				n++
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		assert.Less(t, n, 50, "%d pings in 300ms", n)
+		assert.Positive(t, n)
 	})
 	assert.Zero(t, srv.Stats().StaleClosed, "no client was closed as stale")
 }
@@ -130,15 +141,25 @@ func TestPingIntervalRangeValidation(t *testing.T) {
 }
 
 func TestShutdownSpreadsReconnects(t *testing.T) {
-	// The goodbye frame's window replaces the first backoff wait: with the
-	// random draw fixed at one half, the client waits half the window.
-	srv, addr := startServer(t, WithDrainWindow(4*time.Second))
-	delays := make(chan time.Duration, 10)
-	c := newTestClient(t, addr, withRand(func() float64 { return 0.5 }),
-		WithOnReconnect(func(_ int, d time.Duration) { delays <- d }))
-	require.NoError(t, c.WaitConnected(testContext(t)))
-	require.NoError(t, srv.Shutdown(testContext(t)))
-	assert.Equal(t, 2*time.Second, recv(t, delays))
+	// The goodbye frame's window replaces the first backoff wait, but is
+	// never longer than the client's own longest wait: with the random draw
+	// fixed at one half, the client waits half of the smaller of the two.
+	for _, tc := range []struct {
+		maxDelay, want time.Duration
+	}{
+		{10 * time.Second, 2 * time.Second},
+		{time.Second, 500 * time.Millisecond},
+	} {
+		srv, addr := startServer(t, WithDrainWindow(4*time.Second))
+		delays := make(chan time.Duration, 10)
+		c := newTestClient(t, addr, withRand(func() float64 { return 0.5 }),
+			WithBackoff(Backoff{BaseDelay: 10 * time.Millisecond, MaxDelay: tc.maxDelay}),
+			WithOnReconnect(func(_ int, d time.Duration) { delays <- d }))
+		require.NoError(t, c.WaitConnected(testContext(t)))
+		require.NoError(t, srv.Shutdown(testContext(t)))
+		assert.Equal(t, tc.want, recv(t, delays), "max delay %v", tc.maxDelay)
+		require.NoError(t, c.Close())
+	}
 }
 
 func TestFailoverToNextEndpoint(t *testing.T) {
@@ -230,7 +251,10 @@ func TestTLSConfigFuncPerDial(t *testing.T) {
 		WithOnConnect(func(net.Addr) { connects <- struct{}{} }))
 	recv(t, connects)
 	require.Eventually(t, func() bool { return srv.Len() == 1 }, waitFor, time.Millisecond)
-	srv.Range(func(conn *Conn) bool { return conn.Close() != nil })
+	srv.Range(func(conn *Conn) bool {
+		assert.NoError(t, conn.Close())
+		return true
+	})
 	recv(t, connects)
 	assert.Equal(t, int32(2), dials.Load())
 }
@@ -258,4 +282,40 @@ func testClientCert(t *testing.T) (*x509.CertPool, tls.Certificate) {
 	pool := x509.NewCertPool()
 	pool.AddCert(leaf)
 	return pool, cert
+}
+
+func TestHeartbeatsTurnedOnByServerUseDefaultPongTimeout(t *testing.T) {
+	// Heartbeats off, pong timeout "off": once the server asks for pings,
+	// the client pings with the default pong timeout and stays connected.
+	_, addr := startServer(t, WithHeartbeatTimeout(300*time.Millisecond))
+	pongs := make(chan struct{}, 100)
+	disconnects := make(chan error, 10)
+	newTestClient(t, addr, WithPingInterval(-1), WithPongTimeout(-1),
+		WithOnPong(func(time.Duration) { pongs <- struct{}{} }),
+		WithOnDisconnect(func(err error) { disconnects <- err }))
+	for range 5 {
+		recv(t, pongs)
+	}
+	assert.Empty(t, disconnects)
+}
+
+func TestCredentialsTooLong(t *testing.T) {
+	_, addr := startServer(t)
+	closed := make(chan error, 1)
+	newTestClient(t, addr, WithMaxAttempts(1),
+		WithCredentials(func(context.Context) ([]byte, error) { return make([]byte, MaxCredentialsSize+1), nil }),
+		WithOnClose(func(err error) { closed <- err }))
+	assert.ErrorContains(t, recv(t, closed), "exceed the hello's room")
+
+	ok := make(chan struct{}, 1)
+	_, addr = startServer(t, WithAuthenticator(func(_ *Conn, creds []byte) error {
+		if len(creds) != MaxCredentialsSize {
+			return errors.New("truncated")
+		}
+		return nil
+	}))
+	newTestClient(t, addr, WithPingInterval(time.Hour),
+		WithCredentials(func(context.Context) ([]byte, error) { return make([]byte, MaxCredentialsSize), nil }),
+		WithOnConnect(func(net.Addr) { ok <- struct{}{} }))
+	recv(t, ok)
 }

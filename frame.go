@@ -56,9 +56,13 @@ const (
 
 	// Control frames have small fixed limits of their own, so that only data
 	// frames can make a peer allocate up to the maximum frame size.
-	maxHelloSize  = 1024
-	maxPingSize   = 64
-	maxReasonSize = 256
+	maxHelloSize = 1024
+
+	// MaxCredentialsSize is the most credentials a hello has room for,
+	// next to the magic, the version and the ping interval.
+	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - (3 + 4)
+	maxPingSize        = 64
+	maxReasonSize      = 256
 
 	// keepReadBuffer is the largest payload buffer a connection keeps
 	// between frames.
@@ -242,6 +246,11 @@ func parseHello(p []byte) (hello, error) {
 		return hello{}, fmt.Errorf("%w: hello does not start with %q", ErrProtocol, helloMagic[:])
 	}
 	h := hello{version: p[3]}
+	if h.version != ProtocolVersion {
+		// The fields of another version are that version's business:
+		// the caller rejects the version itself.
+		return h, nil
+	}
 	fields := p[4:]
 	for len(fields) > 0 {
 		if len(fields) < 3 {

@@ -100,6 +100,12 @@ func TestParseHello(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint8(3), h.version)
 
+	// Another version's fields are not judged by this version's rules: the
+	// version is rejected as such.
+	h, err = parseHello(append(hello{version: 2}.marshal(), tagPingInterval, 0, 3, 1, 2, 3))
+	require.NoError(t, err)
+	assert.Equal(t, uint8(2), h.version)
+
 	for name, p := range map[string][]byte{
 		"empty":           nil,
 		"magic only":      []byte("VGO"),

@@ -44,7 +44,7 @@ func TestServerClosesPeerTricklingBytes(t *testing.T) {
 
 func TestServerKeepsPeerSendingFrames(t *testing.T) {
 	// The same trickle in whole frames keeps the connection up.
-	const timeout = 150 * time.Millisecond
+	const timeout = 500 * time.Millisecond
 	closed := make(chan error, 1)
 	_, addr := startServer(t, WithHeartbeatTimeout(timeout),
 		WithOnConnClose(func(_ *Conn, err error) { closed <- err }))

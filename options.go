@@ -215,7 +215,8 @@ func WithTLSConfigFunc(fn func(addr string) (*tls.Config, error)) ClientOption {
 }
 
 // WithCredentials sets the function that supplies the credentials a client
-// presents in its hello, such as a token. It runs before every dial, so a
+// presents in its hello, such as a token, of at most MaxCredentialsSize
+// bytes. It runs before every dial, so a
 // refreshed token is used on the next reconnect; an error from it fails
 // that attempt. By default no credentials are sent.
 func WithCredentials(fn func(ctx context.Context) ([]byte, error)) ClientOption {
@@ -251,8 +252,9 @@ func WithOnMessage(fn func(msg []byte)) ClientOption {
 }
 
 // WithOnReconnect registers a callback run before each wait between dial
-// attempts, with the attempt number about to be made (1 for the first
-// retry) and the delay before it.
+// attempts, with the number of the attempt about to be made, counted since
+// the last healthy connection (1 after losing one, 2 after a first dial
+// failed), and the delay before it.
 func WithOnReconnect(fn func(attempt int, delay time.Duration)) ClientOption {
 	return clientOption(func(o *clientOptions) { o.onReconnect = fn })
 }
@@ -264,14 +266,18 @@ func WithOnPong(fn func(rtt time.Duration)) ClientOption {
 }
 
 // WithOnClose registers a callback run once when the client stops for good:
-// with nil after Close, or with an error wrapping ErrGaveUp.
+// with nil after Close, or with an error wrapping ErrGaveUp or
+// ErrUnauthorized.
 func WithOnClose(fn func(err error)) ClientOption {
 	return clientOption(func(o *clientOptions) { o.onClose = fn })
 }
 
 // WithHeartbeatTimeout sets how long a server lets a connection stay silent
-// before it closes it as stale. Any frame counts, so it must exceed the
-// clients' ping interval; allow for two or three missed pings. The default
+// before it closes it as stale. Any complete frame counts, so it must exceed
+// the clients' ping interval; allow for two or three missed pings. A frame
+// still arriving does not count until it is complete, so a peer must send
+// its largest frames faster than max frame size / heartbeat timeout (70
+// KB/s with the defaults). The default
 // is DefaultHeartbeatTimeout (15s); negative turns stale detection off.
 func WithHeartbeatTimeout(d time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.heartbeatTimeout = d })
@@ -386,7 +392,11 @@ func newClientOptions(opts []ClientOption) (clientOptions, error) {
 		return o, invalid("pong timeout %v must be positive while heartbeats are on", o.pongTimeout)
 	}
 	o.pingInterval = orDefault(o.pingInterval, DefaultPingInterval)
-	o.pongTimeout = orDefault(o.pongTimeout, DefaultPongTimeout)
+	if o.pongTimeout <= 0 {
+		// Also with heartbeats off: a server may turn them on (see
+		// WithPingIntervalRange), and then the timeout applies.
+		o.pongTimeout = DefaultPongTimeout
+	}
 	o.dialTimeout = orDefault(o.dialTimeout, DefaultDialTimeout)
 	if o.maxAttempts < 0 {
 		return o, invalid("max attempts %d is negative", o.maxAttempts)

@@ -39,7 +39,8 @@ type Backoff struct {
 	// randomly lengthened or shortened. The default is 0.6; negative means
 	// no jitter.
 	Jitter float64
-	// MaxDelay caps every wait, jitter included. The default is 30s.
+	// MaxDelay caps every wait, jitter included. The default is 30s, or
+	// BaseDelay if that is longer.
 	MaxDelay time.Duration
 }
 
@@ -143,8 +144,10 @@ func (c *Client) run() {
 		tried = 0
 		d := c.opts.backoff.delay(waits, c.opts.rand())
 		if dialed && l.goodbye.Load() > 0 {
-			// A draining server asked for reconnects spread over a window.
-			d = time.Duration(c.opts.rand() * float64(l.goodbye.Load()))
+			// A draining server asked for reconnects spread over a
+			// window; no more than the client's own longest wait.
+			window := min(time.Duration(l.goodbye.Load()), c.opts.backoff.MaxDelay)
+			d = time.Duration(c.opts.rand() * float64(window))
 		}
 		waits++
 		c.stats.backoff.Store(int64(d))
@@ -197,6 +200,9 @@ func (c *Client) connect(addr string) (*link, *heartbeat, error) {
 		if creds, err = fn(ctx); err != nil {
 			return nil, nil, fmt.Errorf("vgo: credentials: %w", err)
 		}
+		if len(creds) > MaxCredentialsSize {
+			return nil, nil, fmt.Errorf("vgo: credentials of %d bytes exceed the hello's room of %d", len(creds), MaxCredentialsSize)
+		}
 	}
 	cfg, err := c.tlsConfig(addr)
 	if err != nil {
@@ -206,7 +212,10 @@ func (c *Client) connect(addr string) (*link, *heartbeat, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	stop := context.AfterFunc(c.ctx, func() { nc.Close() })
+	// The raw connection, not a TLS wrapper around it, so that Close does
+	// not wait on a TLS close_notify.
+	raw := nc
+	stop := context.AfterFunc(c.ctx, func() { raw.Close() })
 	defer stop()
 
 	var deadline time.Time

@@ -249,11 +249,10 @@ func (s *Server) handshake(c *Conn) error {
 			return fmt.Errorf("%w: %w", ErrUnauthorized, err)
 		}
 	}
-	if err := c.l.nc.SetWriteDeadline(deadline); err != nil {
-		return err
-	}
+	// Through the link's writer, like every other frame: Shutdown may be
+	// queueing a close frame on this connection at the same moment.
 	mine := hello{version: ProtocolVersion, minPing: s.opts.minPing, maxPing: s.opts.maxPing}
-	if _, err := c.l.nc.Write(appendFrame(nil, frameHello, mine.marshal())); err != nil {
+	if err := c.l.writeControl(frameHello, mine.marshal()); err != nil {
 		return handshakeError("send hello", err)
 	}
 	c.l.established(s.opts.heartbeatTimeout)

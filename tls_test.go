@@ -82,3 +82,17 @@ func TestTLSMismatchFailsClearly(t *testing.T) {
 		assert.ErrorIs(t, recv(t, closed), ErrGaveUp)
 	})
 }
+
+func TestTLSCloseDuringHandshake(t *testing.T) {
+	// A server that accepts and never answers the TLS handshake: Close
+	// interrupts the handshake at once.
+	accepted := make(chan struct{}, 1)
+	rs := newRawServer(t, func(nc net.Conn) {
+		accepted <- struct{}{}
+		drain(newFrameReader(nc, DefaultMaxFrameSize))
+	})
+	_, clientCfg := testTLS(t)
+	c := newTestClient(t, rs.addr(), WithTLSConfig(clientCfg), WithHandshakeTimeout(time.Hour))
+	recv(t, accepted)
+	closeWithin(t, c, time.Second)
+}
