@@ -169,11 +169,12 @@ func TestBackoffDelay(t *testing.T) {
 		{1, 0.5, 200 * time.Millisecond},
 		{2, 0.5, 400 * time.Millisecond},
 		{3, 0.5, 800 * time.Millisecond},
-		{4, 0.5, time.Second}, // capped
-		{40, 0.5, time.Second},
+		{4, 0.5, 750 * time.Millisecond}, // at the cap, spread below it
+		{40, 0.5, 750 * time.Millisecond},
+		{4, 0, time.Second},
+		{4, 0.999, 500500 * time.Microsecond},
 		{0, 0, 50 * time.Millisecond}, // the bottom of the band
-		{4, 0, 500 * time.Millisecond},
-		{3, 0.999, time.Second}, // the cap holds with jitter too
+		{3, 0.999, time.Second},       // the cap holds with jitter too
 		{2, 0.999, 599600 * time.Microsecond},
 	}
 	for _, tt := range tests {
@@ -670,7 +671,7 @@ func TestClientReportsJitteredDelays(t *testing.T) {
 	newTestClient(t, addr, WithBackoff(b), WithMaxAttempts(5),
 		withRand(func() float64 { return draws[int(i.Add(1)-1)%len(draws)] }),
 		WithOnReconnect(func(_ int, d time.Duration) { delays <- d }))
-	for _, want := range []time.Duration{5 * time.Millisecond, 25 * time.Millisecond, 12500 * time.Microsecond, 25 * time.Millisecond} {
+	for _, want := range []time.Duration{5 * time.Millisecond, 25 * time.Millisecond, 25 * time.Millisecond, 12500 * time.Microsecond} {
 		assert.InDelta(t, float64(want), float64(recv(t, delays)), float64(time.Microsecond))
 	}
 }

@@ -91,6 +91,7 @@ func newLink(nc net.Conn, o *commonOptions, closedErr error) *link {
 		closedErr:    closedErr,
 		done:         make(chan struct{}),
 	}
+	l.fr.count = &rd.frames
 	l.flushFn = l.flush
 	return l
 }
@@ -225,6 +226,13 @@ func (l *link) writeControl(t frameType, payload []byte) error {
 		_, err = l.nc.Write(l.ctrl)
 	}
 
+	return l.endWrite(t, err)
+}
+
+// endWrite gives the socket back after a write by its caller, hands it to
+// the flusher if frames queued up meanwhile, and tears the link down if the
+// write failed.
+func (l *link) endWrite(t frameType, err error) error {
 	l.mu.Lock()
 	l.writing = false
 	if err == nil && !l.closed && len(l.queue) > 0 {
@@ -278,17 +286,7 @@ func (l *link) writeDirect(ctx context.Context, t frameType, payload []byte) err
 	}
 	l.iov, l.bufs = [2][]byte{}, nil // do not keep the caller's payload
 
-	l.mu.Lock()
-	l.writing = false
-	if err == nil && !l.closed && len(l.queue) > 0 {
-		l.startFlusherLocked()
-	}
-	l.signalLocked()
-	l.mu.Unlock()
-	if err != nil {
-		return l.fail(fmt.Errorf("vgo: write %s frame: %w", t, err))
-	}
-	return nil
+	return l.endWrite(t, err)
 }
 
 // flush writes the queue out, a batch per system call, until it is empty.

@@ -101,11 +101,7 @@ type frameReader struct {
 }
 
 func newFrameReader(r io.Reader, maxData int) *frameReader {
-	fr := &frameReader{br: bufio.NewReader(r), maxData: maxData}
-	if dr, ok := r.(*deadlineReader); ok {
-		fr.count = &dr.frames
-	}
-	return fr
+	return &frameReader{br: bufio.NewReader(r), maxData: maxData}
 }
 
 // next reads one frame. It checks the type and the announced length before

@@ -15,7 +15,9 @@ import (
 // Backoff describes the delays between a client's dial attempts, in the
 // shape of gRPC's connection backoff: the n-th wait (from 0) is
 // BaseDelay * Multiplier^n, spread by ±Jitter of itself so that clients cut
-// off together do not return together, and never more than MaxDelay.
+// off together do not return together, and never more than MaxDelay. Once
+// the growth reaches MaxDelay, waits are spread over the Jitter fraction
+// below it.
 //
 // The defaults favour fleets: after a server restart, 10,000 clients
 // return over about six seconds, no second holding more than a fifth of
@@ -85,7 +87,11 @@ func (b Backoff) resolve() (Backoff, error) {
 // that places the wait within the jitter band.
 func (b Backoff) delay(n int, r float64) time.Duration {
 	d := float64(b.BaseDelay) * math.Pow(b.Multiplier, float64(n))
-	d = min(d, float64(b.MaxDelay))
+	if limit := float64(b.MaxDelay); d >= limit {
+		// At the cap the spread goes below it only, or half the draws
+		// would land on the cap itself, all together.
+		return time.Duration(limit * (1 - b.Jitter*r))
+	}
 	d *= 1 + b.Jitter*(2*r-1)
 	return time.Duration(min(d, float64(b.MaxDelay)))
 }
