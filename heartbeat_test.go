@@ -10,18 +10,27 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// helloPeer starts a server with the given heartbeat timeout that reports
+// each closed connection's cause on closed, and returns a raw connection to
+// it that has sent its hello.
+func helloPeer(t *testing.T, timeout time.Duration, closed chan<- error) net.Conn {
+	t.Helper()
+	_, addr := startServer(t, WithHeartbeatTimeout(timeout),
+		WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
+	nc, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { nc.Close() })
+	_, err = nc.Write(rawHello(ProtocolVersion))
+	require.NoError(t, err)
+	return nc
+}
+
 func TestServerClosesPeerTricklingBytes(t *testing.T) {
 	// One byte at a time, never a whole frame: bytes alone must not keep a
 	// connection alive, or a slowloris peer could hold it forever.
 	const timeout = 150 * time.Millisecond
 	closed := make(chan error, 1)
-	_, addr := startServer(t, WithHeartbeatTimeout(timeout),
-		WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
-	nc, err := net.Dial("tcp", addr)
-	require.NoError(t, err)
-	defer nc.Close()
-	_, err = nc.Write(rawHello(ProtocolVersion))
-	require.NoError(t, err)
+	nc := helloPeer(t, timeout, closed)
 
 	start := time.Now()
 	frame := appendFrame(nil, frameData, make([]byte, 4096))
@@ -46,13 +55,7 @@ func TestServerKeepsPeerSendingFrames(t *testing.T) {
 	// The same trickle in whole frames keeps the connection up.
 	const timeout = 500 * time.Millisecond
 	closed := make(chan error, 1)
-	_, addr := startServer(t, WithHeartbeatTimeout(timeout),
-		WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
-	nc, err := net.Dial("tcp", addr)
-	require.NoError(t, err)
-	defer nc.Close()
-	_, err = nc.Write(rawHello(ProtocolVersion))
-	require.NoError(t, err)
+	nc := helloPeer(t, timeout, closed)
 	ping := appendFrame(nil, framePing, []byte("x"))
 	for range 4 * timeout / (20 * time.Millisecond) {
 		_, err := nc.Write(ping)

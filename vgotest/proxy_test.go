@@ -41,25 +41,33 @@ func randomBytes(t *testing.T, n int) []byte {
 	return b
 }
 
-func TestForwardsManyConnections(t *testing.T) {
-	const conns, size = 20, 256 << 10
-	p := newProxy(t, startEcho(t))
-
+// echoThrough sends size random bytes on each of conns connections to addr
+// at once, checks that each gets them back unchanged, and closes the
+// connections if asked to.
+func echoThrough(t *testing.T, addr string, conns, size int, closeAfter bool) {
+	t.Helper()
 	var wg sync.WaitGroup
 	for range conns {
-		c := dial(t, p.Addr())
+		c := dial(t, addr)
 		data := randomBytes(t, size)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			got, err := transfer(c, data)
 			if assert.NoError(t, err) {
 				assert.True(t, bytes.Equal(data, got), "echo differs from what was sent")
 			}
-			c.Close()
-		}()
+			if closeAfter {
+				c.Close()
+			}
+		})
 	}
 	wg.Wait()
+}
+
+func TestForwardsManyConnections(t *testing.T) {
+	const conns, size = 20, 256 << 10
+	p := newProxy(t, startEcho(t))
+
+	echoThrough(t, p.Addr(), conns, size, true)
 
 	require.NoError(t, p.WaitLinks(testContext(t), 0))
 	assert.Equal(t, Stats{
@@ -584,20 +592,7 @@ func TestConcurrentFaults(t *testing.T) {
 		}
 	}()
 
-	var wg sync.WaitGroup
-	for range conns {
-		c := dial(t, p.Addr())
-		data := randomBytes(t, size)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			got, err := transfer(c, data)
-			if assert.NoError(t, err) {
-				assert.True(t, bytes.Equal(data, got), "echo differs from what was sent")
-			}
-		}()
-	}
-	wg.Wait()
+	echoThrough(t, p.Addr(), conns, size, false)
 	close(done)
 	chaos.Wait()
 
