@@ -46,7 +46,6 @@ func (s State) String() string {
 //
 // All methods are safe for concurrent use.
 type Client struct {
-	addr string
 	opts clientOptions
 	log  logrus.FieldLogger
 
@@ -65,7 +64,8 @@ type Client struct {
 	err      error         // why the client stopped, once it has
 	endpoint string        // the address connected to or being dialed
 
-	// addrs are the endpoints in the order they are tried; next, the one
+	// addrs are the endpoints in the order they are tried, the one given to
+	// NewClient first; next, the one
 	// to dial next, belongs to the run goroutine.
 	addrs []string
 	next  int
@@ -86,7 +86,6 @@ func NewClient(addr string, opts ...ClientOption) (*Client, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Client{
 		sendBuf: o.sendBuffer,
-		addr:    addr,
 		addrs:   append([]string{addr}, o.fallbacks...),
 		opts:    o,
 		log:     o.logger.WithField("remote", addr),
@@ -145,8 +144,8 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 // the write timeout, and a write that fails tears the connection down. Send
 // does not keep payload after it returns.
 func (c *Client) Send(ctx context.Context, payload []byte) error {
-	if len(payload) > c.opts.maxFrameSize {
-		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(payload), c.opts.maxFrameSize)
+	if err := checkPayload(payload, c.opts.maxFrameSize); err != nil {
+		return err
 	}
 	c.mu.Lock()
 	l, err := c.link, c.err
@@ -206,7 +205,7 @@ func (c *Client) Endpoint() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.endpoint == "" {
-		return c.addr
+		return c.addrs[0]
 	}
 	return c.endpoint
 }
@@ -348,7 +347,7 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 				fn(p)
 			}
 		case framePing:
-			if err := l.writeControl(framePong, p); err != nil && err != errQueueFull {
+			if l.answerPing(p) != nil {
 				return
 			}
 		case framePong:

@@ -240,8 +240,21 @@ func (l *link) endWrite(t frameType, err error) error {
 	}
 	l.signalLocked()
 	l.mu.Unlock()
-	if err != nil {
-		return l.fail(fmt.Errorf("vgo: write %s frame: %w", t, err))
+	if err == nil {
+		return nil
+	}
+	err = fmt.Errorf("vgo: write %s frame: %w", t, err)
+	if cause := l.shutdown(err); cause != err {
+		return l.closedErr // the link was already going down for another reason
+	}
+	return err
+}
+
+// answerPing sends the pong for a ping's payload. A full queue is no
+// failure: the data in it tells the peer as much as the pong would.
+func (l *link) answerPing(p []byte) error {
+	if err := l.writeControl(framePong, p); err != errQueueFull {
+		return err
 	}
 	return nil
 }
@@ -357,15 +370,6 @@ func (l *link) signalLocked() {
 		close(l.progress)
 		l.progress = nil
 	}
-}
-
-// fail tears the link down after a write error and returns the error the
-// writer should see.
-func (l *link) fail(err error) error {
-	if cause := l.shutdown(err); cause != err {
-		return l.closedErr
-	}
-	return err
 }
 
 // closeWith sends a close frame, waits a short while for it to leave, then

@@ -180,6 +180,15 @@ func (r *frameReader) readLarge(n int) ([]byte, error) {
 	return p, nil
 }
 
+// checkPayload refuses a data payload over the sender's own limit, before
+// anything is written.
+func checkPayload(p []byte, maxData int) error {
+	if len(p) > maxData {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(p), maxData)
+	}
+	return nil
+}
+
 // appendFrame appends one encoded frame to dst.
 func appendFrame(dst []byte, t frameType, payload []byte) []byte {
 	dst = append(dst, byte(t))

@@ -27,6 +27,9 @@ type Server struct {
 	stats  serverStats
 	wg     sync.WaitGroup // one count per connection goroutine
 	done   chan struct{}  // closed when Shutdown or Close begins
+	// drained is closed once the server is closing and its last
+	// connection has been forgotten.
+	drained chan struct{}
 
 	mu        sync.Mutex
 	closing   bool
@@ -46,6 +49,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		opts:      o,
 		log:       o.logger,
 		done:      make(chan struct{}),
+		drained:   make(chan struct{}),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*Conn]struct{}),
 	}, nil
@@ -171,11 +175,7 @@ func (s *Server) serveConn(c *Conn) {
 		case errors.Is(err, ErrProtocol):
 			s.stats.protocol.Add(1)
 		}
-		if errors.Is(err, ErrProtocol) {
-			c.l.closeWith(CloseProtocolError, err.Error(), err)
-		} else {
-			c.l.shutdown(err)
-		}
+		c.end(err)
 		return
 	}
 	s.mu.Lock()
@@ -187,13 +187,7 @@ func (s *Server) serveConn(c *Conn) {
 		fn(c)
 	}
 
-	err := s.readLoop(c)
-	switch {
-	case errors.Is(err, ErrProtocol):
-		c.l.closeWith(CloseProtocolError, err.Error(), err)
-	case err != nil:
-		c.l.shutdown(err)
-	}
+	c.end(s.readLoop(c))
 	cause := c.l.cause()
 	log := c.log.WithField("err", cause)
 	switch {
@@ -239,14 +233,15 @@ func (s *Server) handshake(c *Conn) error {
 		return err
 	}
 	if h.version != ProtocolVersion {
-		err := fmt.Errorf("%w: client speaks version %d, server %d", ErrProtocol, h.version, ProtocolVersion)
-		c.l.closeWith(CloseBadVersion, fmt.Sprintf("server speaks version %d", ProtocolVersion), err)
-		return err
+		return &refusal{
+			code:   CloseBadVersion,
+			reason: fmt.Sprintf("server speaks version %d", ProtocolVersion),
+			err:    fmt.Errorf("%w: client speaks version %d, server %d", ErrProtocol, h.version, ProtocolVersion),
+		}
 	}
 	if fn := s.opts.authenticate; fn != nil {
 		if err := fn(c, h.credentials); err != nil {
-			c.l.closeWith(CloseUnauthorized, err.Error(), fmt.Errorf("%w: %w", ErrUnauthorized, err))
-			return fmt.Errorf("%w: %w", ErrUnauthorized, err)
+			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
 	}
 	// Through the link's writer, like every other frame: Shutdown may be
@@ -284,7 +279,7 @@ func (s *Server) readLoop(c *Conn) error {
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
 			}
-			if err := c.l.writeControl(framePong, p); err != nil && err != errQueueFull {
+			if c.l.answerPing(p) != nil {
 				return nil
 			}
 		case framePong:
@@ -302,7 +297,20 @@ func (s *Server) forget(c *Conn) {
 	if c.opened {
 		s.open--
 	}
+	s.checkDrainedLocked()
 	s.mu.Unlock()
+}
+
+// checkDrainedLocked closes drained when a closing server has no
+// connection left.
+func (s *Server) checkDrainedLocked() {
+	if s.closing && len(s.conns) == 0 {
+		select {
+		case <-s.drained:
+		default:
+			close(s.drained)
+		}
+	}
 }
 
 func (s *Server) isClosing() bool {
@@ -336,6 +344,7 @@ func (s *Server) stop() []*Conn {
 	if !s.closing {
 		s.closing = true
 		close(s.done)
+		s.checkDrainedLocked()
 	}
 	for l := range s.listeners {
 		l.Close()
@@ -396,25 +405,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for _, c := range conns {
 		c.l.shutdown(ErrServerClosed)
 	}
-	// Poll rather than wait on s.wg in a goroutine, which would outlive
-	// Shutdown when ctx ends first.
-	poll := time.Millisecond
-	for {
-		s.mu.Lock()
-		n := len(s.conns)
-		s.mu.Unlock()
-		if n == 0 {
-			s.wg.Wait() // each goroutine is past forget, about to exit
-			return nil
-		}
-		t := time.NewTimer(poll)
-		select {
-		case <-t.C:
-			poll = min(2*poll, 50*time.Millisecond)
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		}
+	select {
+	case <-s.drained:
+		s.wg.Wait() // each goroutine is past forget, about to exit
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -492,11 +488,37 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 // guarantees as Client.Send. After the connection closed it returns
 // ErrClosed.
 func (c *Conn) Send(ctx context.Context, payload []byte) error {
-	if max := c.srv.opts.maxFrameSize; len(payload) > max {
-		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(payload), max)
+	if err := checkPayload(payload, c.srv.opts.maxFrameSize); err != nil {
+		return err
 	}
 	return c.l.write(ctx, frameData, payload)
 }
+
+// end tears the connection down after err, the reason its read loop or
+// handshake stopped (nil when the link is already down), and tells the
+// client why with a close frame when the protocol has a code for it.
+func (c *Conn) end(err error) {
+	var r *refusal
+	switch {
+	case errors.As(err, &r):
+		c.l.closeWith(r.code, r.reason, r.err)
+	case errors.Is(err, ErrProtocol):
+		c.l.closeWith(CloseProtocolError, err.Error(), err)
+	case err != nil:
+		c.l.shutdown(err)
+	}
+}
+
+// refusal is a handshake that the server turns down with a close code of
+// its own and a reason meant for the client.
+type refusal struct {
+	code   CloseCode
+	reason string
+	err    error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
 
 // Close sends the client a close frame and closes the connection. It is
 // safe to call more than once.
