@@ -64,9 +64,9 @@ type Client struct {
 	err      error         // why the client stopped, once it has
 	endpoint string        // the address connected to or being dialed
 
-	// addrs are the endpoints in the order they are tried, the one given to
-	// NewClient first; next, the one
-	// to dial next, belongs to the run goroutine.
+	// addrs are the endpoints in the order they are tried, the one given
+	// to NewClient first; next, the one to dial next, belongs to the run
+	// goroutine.
 	addrs []string
 	next  int
 	stats clientStats
