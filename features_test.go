@@ -234,10 +234,7 @@ func TestTLSConfigFuncPerDial(t *testing.T) {
 	// Mutual TLS, with the client's configuration fetched anew on every
 	// dial: a certificate rotated between dials is the one the next
 	// connection presents.
-	serverCfg, clientCfg := testTLS(t)
-	clientCA, clientCert := testClientCert(t)
-	serverCfg.ClientAuth = tls.RequireAndVerifyClientCert
-	serverCfg.ClientCAs = clientCA
+	serverCfg, clientCfg, clientCert := testMutualTLS(t)
 	srv, addr := startServer(t, WithTLSConfig(serverCfg))
 	var dials atomic.Int32
 	connects := make(chan struct{}, 10)
@@ -260,10 +257,7 @@ func TestTLSConfigFuncPerDial(t *testing.T) {
 }
 
 func TestTLSClientCertificateRequired(t *testing.T) {
-	serverCfg, clientCfg := testTLS(t)
-	clientCA, _ := testClientCert(t)
-	serverCfg.ClientAuth = tls.RequireAndVerifyClientCert
-	serverCfg.ClientCAs = clientCA
+	serverCfg, clientCfg, _ := testMutualTLS(t)
 	_, addr := startServer(t, WithTLSConfig(serverCfg))
 	closed := make(chan error, 1)
 	newTestClient(t, addr, WithTLSConfig(clientCfg), WithMaxAttempts(1),
@@ -271,51 +265,18 @@ func TestTLSClientCertificateRequired(t *testing.T) {
 	assert.ErrorIs(t, recv(t, closed), ErrGaveUp)
 }
 
-// testClientCert returns a pool holding a self-signed client certificate
-// and that certificate, made for the test.
-func testClientCert(t *testing.T) (*x509.CertPool, tls.Certificate) {
+// testMutualTLS returns a server config that requires a client
+// certificate, a client config that trusts the server, and the certificate
+// the server accepts from clients, all made for the test.
+func testMutualTLS(t *testing.T) (server, client *tls.Config, clientCert tls.Certificate) {
 	t.Helper()
-	serverCfg, _ := testTLS(t)
-	cert := serverCfg.Certificates[0]
-	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	server, client = testTLS(t)
+	issued, _ := testTLS(t)
+	clientCert = issued.Certificates[0]
+	leaf, err := x509.ParseCertificate(clientCert.Certificate[0])
 	require.NoError(t, err)
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return pool, cert
-}
-
-func TestHeartbeatsTurnedOnByServerUseDefaultPongTimeout(t *testing.T) {
-	// Heartbeats off, pong timeout "off": once the server asks for pings,
-	// the client pings with the default pong timeout and stays connected.
-	_, addr := startServer(t, WithHeartbeatTimeout(300*time.Millisecond))
-	pongs := make(chan struct{}, 100)
-	disconnects := make(chan error, 10)
-	newTestClient(t, addr, WithPingInterval(-1), WithPongTimeout(-1),
-		WithOnPong(func(time.Duration) { pongs <- struct{}{} }),
-		WithOnDisconnect(func(err error) { disconnects <- err }))
-	for range 5 {
-		recv(t, pongs)
-	}
-	assert.Empty(t, disconnects)
-}
-
-func TestCredentialsTooLong(t *testing.T) {
-	_, addr := startServer(t)
-	closed := make(chan error, 1)
-	newTestClient(t, addr, WithMaxAttempts(1),
-		WithCredentials(func(context.Context) ([]byte, error) { return make([]byte, MaxCredentialsSize+1), nil }),
-		WithOnClose(func(err error) { closed <- err }))
-	assert.ErrorContains(t, recv(t, closed), "exceed the hello's room")
-
-	ok := make(chan struct{}, 1)
-	_, addr = startServer(t, WithAuthenticator(func(_ *Conn, creds []byte) error {
-		if len(creds) != MaxCredentialsSize {
-			return errors.New("truncated")
-		}
-		return nil
-	}))
-	newTestClient(t, addr, WithPingInterval(time.Hour),
-		WithCredentials(func(context.Context) ([]byte, error) { return make([]byte, MaxCredentialsSize), nil }),
-		WithOnConnect(func(net.Addr) { ok <- struct{}{} }))
-	recv(t, ok)
+	server.ClientAuth = tls.RequireAndVerifyClientCert
+	server.ClientCAs = x509.NewCertPool()
+	server.ClientCAs.AddCert(leaf)
+	return server, client, clientCert
 }

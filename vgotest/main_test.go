@@ -230,3 +230,14 @@ func waitDone(t *testing.T, l *Link) {
 		t.Fatalf("link %d still open after %v", l.ID(), waitFor)
 	}
 }
+
+// linked returns a proxy in front of a sink, a connection through it, the
+// sink's end of that connection, and the link that joins them.
+func linked(t *testing.T) (*Proxy, *net.TCPConn, net.Conn, *Link) {
+	t.Helper()
+	addr, conns := startSink(t)
+	p := newProxy(t, addr)
+	c := dial(t, p.Addr())
+	s := accepted(t, conns)
+	return p, c, s, linkOf(t, p, c)
+}

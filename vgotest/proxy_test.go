@@ -159,11 +159,7 @@ func TestCut(t *testing.T) {
 }
 
 func TestFreeze(t *testing.T) {
-	addr, conns := startSink(t)
-	p := newProxy(t, addr)
-	c := dial(t, p.Addr())
-	s := accepted(t, conns)
-	l := linkOf(t, p, c)
+	p, c, s, l := linked(t)
 	send(t, c, "up")
 	expect(t, s, "up")
 	require.NoError(t, p.Wait(testContext(t), func(s Stats) bool { return s.ClientToServer == 2 }))
@@ -189,11 +185,7 @@ func TestFreeze(t *testing.T) {
 }
 
 func TestFreezeHoldsReset(t *testing.T) {
-	addr, conns := startSink(t)
-	p := newProxy(t, addr)
-	c := dial(t, p.Addr())
-	s := accepted(t, conns)
-	l := linkOf(t, p, c)
+	_, c, s, l := linked(t)
 
 	l.Freeze()
 	// A client dying with unread data sends a RST.

@@ -62,50 +62,22 @@ func runClients(ctx context.Context, cfg config, log *logrus.Entry) error {
 		})
 	})
 
-	var prof profiler
-	defer prof.stop()
-	for {
-		select {
-		case <-ctx.Done():
-			// A signal or the deadline: the parent gets the same and
-			// reports it.
-			log.WithField("cause", context.Cause(ctx)).Info("stopping")
-			return nil
-		case line, ok := <-cmds.C:
-			if !ok {
-				log.Info("parent gone; stopping")
-				return nil
-			}
-			name, arg := splitCommand(line)
-			var err error
-			switch name {
-			case cmdRTT:
-				err = out.send(name, rttReply{Window: f.window.snapshot(true), Total: f.total.snapshot(false)})
-			case cmdRecord:
-				f.record()
-				err = out.send(name, struct{}{})
-			case cmdEvents:
-				t0, perr := strconv.ParseInt(arg, 10, 64)
-				if perr != nil {
-					err = out.send(msgError, fmt.Sprintf("events: bad t0 %q", arg))
-					break
-				}
-				err = out.send(name, f.events(t0))
-			case cmdProfileStart:
-				err = reply(out, name, prof.start(arg))
-			case cmdProfileStop:
-				err = reply(out, name, prof.stop())
-			case cmdQuit:
-				log.Info("stopping")
-				return nil
-			default:
-				err = out.send(msgError, fmt.Sprintf("unknown command %q", line))
-			}
+	return serveCommands(ctx, log, cmds, out, nil, func(name, arg string) (bool, error) {
+		switch name {
+		case cmdRTT:
+			return true, out.send(name, rttReply{Window: f.window.snapshot(true), Total: f.total.snapshot(false)})
+		case cmdRecord:
+			f.record()
+			return true, out.send(name, struct{}{})
+		case cmdEvents:
+			t0, err := strconv.ParseInt(arg, 10, 64)
 			if err != nil {
-				return err
+				return true, out.send(msgError, fmt.Sprintf("events: bad t0 %q", arg))
 			}
+			return true, out.send(name, f.events(t0))
 		}
-	}
+		return false, nil
+	})
 }
 
 // fleet is the clients of one process and what their callbacks observed.

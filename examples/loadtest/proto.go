@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"runtime/pprof"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sirupsen/logrus"
 )
 
 // Children write one JSON envelope per line on stdout and read one command
@@ -176,6 +179,60 @@ func (c *commands) stop() {
 	close(c.done)
 	c.f.Close()
 	c.wg.Wait()
+}
+
+// serveCommands answers the parent's commands until it says quit, goes
+// away, or ctx ends, and then returns nil. It returns the first error that
+// arrives on failed (nil for none) or that answering a command gives.
+// handle answers the role's own commands and reports false for a name it
+// does not know; profiling and quit are the same for every role.
+func serveCommands(ctx context.Context, log logrus.FieldLogger, cmds *commands, out *output,
+	failed <-chan error, handle func(name, arg string) (bool, error)) error {
+	var prof profiler
+	defer prof.stop()
+	for {
+		select {
+		case <-ctx.Done():
+			// A signal or the deadline: the parent gets the same and
+			// reports it.
+			log.WithField("cause", context.Cause(ctx)).Info("stopping")
+			return nil
+		case err := <-failed:
+			return err
+		case line, ok := <-cmds.C:
+			if !ok {
+				log.Info("parent gone; stopping")
+				return nil
+			}
+			name, arg := splitCommand(line)
+			var err error
+			switch name {
+			case cmdProfileStart:
+				err = reply(out, name, prof.start(arg))
+			case cmdProfileStop:
+				err = reply(out, name, prof.stop())
+			case cmdQuit:
+				log.Info("stopping")
+				return nil
+			default:
+				var known bool
+				if known, err = handle(name, arg); !known {
+					err = out.send(msgError, fmt.Sprintf("unknown command %q", line))
+				}
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// reply answers a command that returns nothing but its outcome.
+func reply(out *output, name string, err error) error {
+	if err != nil {
+		return out.send(msgError, fmt.Sprintf("%s: %v", name, err))
+	}
+	return out.send(name, struct{}{})
 }
 
 // splitCommand returns a command's name and its argument.

@@ -48,7 +48,7 @@ func runServer(ctx context.Context, cfg config, log *logrus.Entry) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	served := make(chan error, 1)
-	wg.Go(func() { served <- srv.Serve(ln) })
+	wg.Go(func() { served <- fmt.Errorf("serve: %w", srv.Serve(ln)) })
 	wg.Go(func() {
 		tick(ctx, time.Second, func() {
 			_ = out.send(msgProgress, serverProgress{Conns: srv.Len(), Pings: pings.Load()})
@@ -86,57 +86,20 @@ func runServer(ctx context.Context, cfg config, log *logrus.Entry) error {
 			LastAcceptErr: ln.lastErr(),
 		}
 	}
-	var prof profiler
-	defer prof.stop()
-	for {
-		select {
-		case <-ctx.Done():
-			// A signal or the deadline: the parent gets the same and
-			// reports it.
-			log.WithField("cause", context.Cause(ctx)).Info("stopping")
-			return nil
-		case err := <-served:
-			return fmt.Errorf("serve: %w", err)
-		case line, ok := <-cmds.C:
-			if !ok {
-				log.Info("parent gone; stopping")
-				return nil
-			}
-			name, arg := splitCommand(line)
-			var err error
-			switch name {
-			case cmdStats:
-				err = out.send(name, stats())
-			case cmdGC:
-				runtime.GC()
-				debug.FreeOSMemory()
-				err = out.send(name, stats())
-			case cmdProfileStart:
-				err = reply(out, name, prof.start(arg))
-			case cmdProfileStop:
-				err = reply(out, name, prof.stop())
-			case cmdHeapProfile:
-				runtime.GC() // the profile shows the heap as of the last collection
-				err = reply(out, name, writeHeapProfile(arg))
-			case cmdQuit:
-				log.Info("stopping")
-				return nil
-			default:
-				err = out.send(msgError, fmt.Sprintf("unknown command %q", line))
-			}
-			if err != nil {
-				return err
-			}
+	return serveCommands(ctx, log, cmds, out, served, func(name, arg string) (bool, error) {
+		switch name {
+		case cmdStats:
+			return true, out.send(name, stats())
+		case cmdGC:
+			runtime.GC()
+			debug.FreeOSMemory()
+			return true, out.send(name, stats())
+		case cmdHeapProfile:
+			runtime.GC() // the profile shows the heap as of the last collection
+			return true, reply(out, name, writeHeapProfile(arg))
 		}
-	}
-}
-
-// reply answers a command that returns nothing but its outcome.
-func reply(out *output, name string, err error) error {
-	if err != nil {
-		return out.send(msgError, fmt.Sprintf("%s: %v", name, err))
-	}
-	return out.send(name, struct{}{})
+		return false, nil
+	})
 }
 
 // watchedListener counts failed accepts, such as running out of file
