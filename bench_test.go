@@ -243,7 +243,7 @@ func BenchmarkPingPong(b *testing.B) {
 		b.ReportAllocs()
 		b.ResetTimer()
 		for range b.N {
-			if err := l.write(context.Background(), framePing, payload); err != nil {
+			if err := l.beat(framePing, payload); err != nil {
 				b.Fatal(err)
 			}
 			<-pongs

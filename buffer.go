@@ -55,9 +55,9 @@ func (b *sendBuffer) wake() {
 }
 
 // buffer keeps payload for the next connection, applying the policy when
-// there is no room. It is called with c.mu held and returns with it
-// released.
-func (c *Client) buffer(ctx context.Context, payload []byte) error {
+// there is no room; without wait, BufferBlock refuses instead of waiting.
+// It is called with c.mu held and returns with it released.
+func (c *Client) buffer(ctx context.Context, payload []byte, wait bool) error {
 	b := &c.sendBuf
 	if len(payload) > b.maxBytes {
 		c.mu.Unlock()
@@ -73,6 +73,9 @@ func (c *Client) buffer(ctx context.Context, payload []byte) error {
 			c.stats.dropped.Add(1)
 			continue
 		case BufferBlock:
+			if !wait {
+				break
+			}
 			if b.room == nil {
 				b.room = make(chan struct{})
 			}
@@ -85,7 +88,7 @@ func (c *Client) buffer(ctx context.Context, payload []byte) error {
 				return ctx.Err()
 			}
 			// The state may have changed while waiting: start over.
-			return c.Send(ctx, payload)
+			return c.send(ctx, payload, wait)
 		}
 		c.mu.Unlock()
 		c.stats.rejected.Add(1)

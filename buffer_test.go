@@ -189,7 +189,10 @@ func TestSendDuringCloseReportsClosed(t *testing.T) {
 		}
 	})
 	t.Cleanup(func() { close(stop) })
-	c := newTestClient(t, rs.addr(), WithSendBuffer(10, 1<<20, BufferFailNew), WithWriteTimeout(time.Hour))
+	// No pings: the silent server must not be dropped before the sends
+	// fill the queue.
+	c := newTestClient(t, rs.addr(), WithSendBuffer(10, 1<<20, BufferFailNew), WithWriteTimeout(time.Hour),
+		WithPingInterval(-1))
 	require.NoError(t, c.WaitConnected(testContext(t)))
 	last := make(chan error, 1)
 	go func() {
@@ -199,7 +202,8 @@ func TestSendDuringCloseReportsClosed(t *testing.T) {
 		}
 		last <- err
 	}()
-	require.Eventually(t, func() bool { return c.Stats().MessagesOut > 100 }, waitFor, time.Millisecond)
+	// More than the send queue holds: the sender is blocked or about to be.
+	require.Eventually(t, func() bool { return c.Stats().MessagesOut > sendQueueLimit/(16<<10) }, waitFor, time.Millisecond)
 	require.NoError(t, c.Close())
 	assert.ErrorIs(t, recv(t, last), ErrClosed)
 }

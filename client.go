@@ -131,59 +131,82 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 	}
 }
 
-// Send sends payload as one data frame. Frames leave in the order Send was
-// called. It returns nil once the frame is queued on the connection (a
-// payload of 32 KiB or more: once it is written to the socket), which does
-// not mean the server has received it: frames sent shortly before the
-// connection dies are lost with it, and the loss is reported as the
-// disconnect, not by Send.
+// Send sends payload as one message. Messages leave in the order Send was
+// called. It returns nil once the message is queued on the connection,
+// which does not mean the server has received it: messages sent shortly
+// before the connection dies are lost with it, and the loss is reported as
+// the disconnect, not by Send. Send copies payload and does not keep it.
 //
-// While there is no connection Send fails at once with ErrNotConnected; after
-// the client stopped it returns Err. ctx bounds the wait for room in the
-// connection's send queue (64 KiB); each write to the socket is bounded by
-// the write timeout, and a write that fails tears the connection down. Send
-// does not keep payload after it returns.
+// When the connection's send queue (64 KiB) is full, Send waits for room as
+// long as ctx allows and then returns ctx.Err(). While there is no
+// connection it fails at once with ErrNotConnected, or with a send buffer
+// (WithSendBuffer) keeps the message for the next connection; after the
+// client stopped it returns Err. A payload longer than the maximum message
+// size, the client's own or the smaller one the server announced, fails with
+// ErrFrameTooLarge and nothing is sent.
 func (c *Client) Send(ctx context.Context, payload []byte) error {
+	return c.send(ctx, payload, true)
+}
+
+// TrySend is Send without waiting: when the connection's send queue is
+// full it fails at once with ErrQueueFull, and a send buffer with
+// BufferBlock refuses with ErrBufferFull instead of waiting for room.
+func (c *Client) TrySend(payload []byte) error {
+	return c.send(context.Background(), payload, false)
+}
+
+func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 	if err := checkPayload(payload, c.opts.maxFrameSize); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	l, err := c.link, c.err
-	switch {
-	case err != nil:
-		c.mu.Unlock()
-		return err
-	case c.ctx.Err() != nil:
-		c.mu.Unlock()
-		return ErrClosed
-	case l == nil && c.sendBuf.enabled():
-		return c.buffer(ctx, payload)
-	case l == nil:
-		c.mu.Unlock()
-		return ErrNotConnected
-	}
-	c.mu.Unlock()
-	if err := l.write(ctx, frameData, payload); err != nil {
-		if !errors.Is(err, ErrNotConnected) {
-			return err
-		}
-		// The connection died under this Send, perhaps because the
-		// client is closing.
+	for {
+		// Whether the message goes on the live connection or into the
+		// buffer is decided under c.mu, where publish hands the buffer
+		// to a new connection, so no message can be left in the buffer
+		// while a connection is up.
 		c.mu.Lock()
+		l := c.link
 		switch {
 		case c.err != nil:
-			err = c.err
+			err := c.err
+			c.mu.Unlock()
+			return err
 		case c.ctx.Err() != nil:
-			err = ErrClosed
-		case c.sendBuf.enabled():
-			return c.buffer(ctx, payload) // for the next connection
+			c.mu.Unlock()
+			return ErrClosed
+		case l == nil && c.sendBuf.enabled():
+			return c.buffer(ctx, payload, wait)
+		case l == nil:
+			c.mu.Unlock()
+			return ErrNotConnected
+		}
+		if err := l.checkSize(payload); err != nil {
+			c.mu.Unlock()
+			return err
+		}
+		err := l.offer(payload)
+		switch {
+		case err == nil:
+			c.mu.Unlock()
+			c.stats.msgsOut.Add(1)
+			c.stats.bytesOut.Add(uint64(len(payload)))
+			return nil
+		case err != ErrQueueFull && c.sendBuf.enabled():
+			// The connection is down but not yet replaced: the next
+			// one takes the buffer.
+			return c.buffer(ctx, payload, wait)
+		case err != ErrQueueFull:
+			c.mu.Unlock()
+			return ErrNotConnected
 		}
 		c.mu.Unlock()
-		return err
+		if !wait {
+			return ErrQueueFull
+		}
+		if err := l.waitRoom(ctx); err != nil {
+			return err
+		}
 	}
-	c.stats.msgsOut.Add(1)
-	c.stats.bytesOut.Add(uint64(len(payload)))
-	return nil
 }
 
 // State returns the client's current state.
@@ -295,7 +318,7 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	wg.Go(func() { c.readLoop(l, hb) })
 	if hb.interval > 0 {
 		wg.Go(func() {
-			ping := func(p []byte) error { return l.writeControl(framePing, p) }
+			ping := func(p []byte) error { return l.beat(framePing, p) }
 			if err := hb.run(l.done, ping); err != nil {
 				l.shutdown(err)
 			}
@@ -324,21 +347,15 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	return err
 }
 
-// readLoop is the connection's only reader. It records every arrival for
-// the heartbeat, answers pings, measures pongs and hands data frames to the
+// readLoop is the connection's only reader. It answers pings, measures pongs and hands data frames to the
 // message callback.
 func (c *Client) readLoop(l *link, hb *heartbeat) {
 	for {
 		t, p, err := l.fr.next()
-		if errors.Is(err, ErrProtocol) {
-			l.closeWith(CloseProtocolError, err.Error(), err)
-			return
-		}
 		if err != nil {
-			l.shutdown(readError(err))
+			endRead(l, err)
 			return
 		}
-		hb.received()
 		switch t {
 		case frameData:
 			c.stats.msgsIn.Add(1)
@@ -347,7 +364,7 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 				fn(p)
 			}
 		case framePing:
-			if l.answerPing(p) != nil {
+			if l.beat(framePong, p) != nil {
 				return
 			}
 		case framePong:
@@ -366,9 +383,19 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 			l.shutdown(parseClose(p))
 			return
 		default:
-			err := fmt.Errorf("%w: unexpected %s frame", ErrProtocol, t)
-			l.closeWith(CloseProtocolError, err.Error(), err)
+			endRead(l, protocolErrorf("unexpected %s frame", t))
 			return
 		}
 	}
+}
+
+// endRead tears l down after its reader failed with err: with a close frame
+// that says why for a protocol error, at once for anything else.
+func endRead(l *link, err error) {
+	var pe *protocolError
+	if errors.As(err, &pe) {
+		l.closeWith(CloseProtocolError, pe.detail, err)
+		return
+	}
+	l.shutdown(readError(err))
 }

@@ -401,8 +401,8 @@ func TestClientLargeSendNotStarvedBySmallOnes(t *testing.T) {
 	}
 	defer wg.Wait()
 	defer close(stop)
-	require.NoError(t, c.Send(testContext(t), make([]byte, 2*directWriteMin)))
-	assert.Equal(t, 2*directWriteMin, recv(t, bigs))
+	require.NoError(t, c.Send(testContext(t), make([]byte, 4*fragmentSize)))
+	assert.Equal(t, 4*fragmentSize, recv(t, bigs))
 }
 
 func TestClientHandshakeTimeout(t *testing.T) {

@@ -21,54 +21,70 @@ var errPeerClosed = fmt.Errorf("vgo: connection closed by peer: %w", io.EOF)
 // connection is torn down; the teardown must not wait on a slow peer.
 const closeFrameTimeout = 250 * time.Millisecond
 
-// Frames wait in a per-connection queue that one flusher goroutine writes
-// out, so small frames sent close together leave in one system call. The
-// flusher runs only while the queue has frames: an idle connection has no
-// writer goroutine.
+// Every frame a connection sends goes through one write path. Senders
+// append encoded frames to the link's queues and return at once; one writer
+// goroutine, started when work arrives and gone once the queues drain,
+// writes them out, each write under the write timeout. Nothing that keeps
+// time (the pinger, the server's reader, a teardown) ever waits on the
+// socket, so a stuck peer is always found by its timer.
+//
+// There are two queues. The stream queue holds data and the frames that
+// must stay in order with it (hello, goodbye, close). The heartbeat queue
+// holds pings and pongs, which the writer puts ahead of the next piece of
+// the stream. A message longer than fragmentSize is queued as fragments and
+// the writer takes at most writeChunk bytes of the stream per write, so a
+// ping never waits behind more than that, however long the message.
 const (
-	// sendQueueLimit is how many bytes of frames may wait for the socket
-	// before writers block.
+	// sendQueueLimit is how many bytes of the stream may wait before
+	// senders wait (Send) or are refused (TrySend). One message may take
+	// the queue past it.
 	sendQueueLimit = 64 << 10
-	// directWriteMin is the payload size from which a writer skips the
-	// queue and writes the frame itself once the queue has drained, to
-	// spare the copy.
-	directWriteMin = 32 << 10
-	// keepBufferMax is the largest queue buffer an idle connection keeps:
-	// enough for a full queue plus the frame that overflowed it, so a busy
-	// connection reuses its two buffers instead of growing new ones.
-	keepBufferMax = sendQueueLimit + directWriteMin + headerSize
+	// fragmentSize is the most message bytes one data frame carries.
+	fragmentSize = 16 << 10
+	// writeChunk is the most stream bytes one write takes.
+	writeChunk = 64 << 10
+	// maxHeartbeatQueue bounds the pings and pongs waiting to be written.
+	// A peer that keeps pinging while not reading its pongs fills it and
+	// is dropped as a slow consumer.
+	maxHeartbeatQueue = 4 << 10
 )
 
 // link is one framed connection, shared by the client and server sides: a
-// frame reader for the single reader goroutine, ordered writes that each
-// carry a deadline, and a teardown that happens once and keeps its first
-// cause.
+// frame reader for the single reader goroutine, the write path described
+// above, and a teardown that happens once and keeps its first cause.
 type link struct {
-	nc           net.Conn
+	nc           net.Conn // frames are read and written here: a *tls.Conn with TLS
+	raw          net.Conn // the connection under nc; closing it never waits on the peer
 	rd           *deadlineReader
 	fr           *frameReader
 	writeTimeout time.Duration
-	maxData      int
-	// closedErr is what writes return once the link is down.
+	// closedErr is what sends return once the link is down.
 	closedErr error
 
-	// flushFn is l.flush, bound once so that starting the flusher does not
-	// allocate.
-	flushFn  func()
-	flushers sync.WaitGroup
+	// maxSend is the longest message that may be sent: our own limit, or
+	// the peer's if it announced a smaller one. fragments says whether the
+	// peer reassembles fragmented messages. Both are set before the link
+	// is shared.
+	maxSend   int
+	fragments bool
 
-	mu       sync.Mutex
-	queue    []byte // frames waiting for the socket, in order
-	spare    []byte // the last written batch, reused as the next queue
-	writing  bool   // the flusher or a direct writer owns the socket
-	closed   bool   // set by shutdown: nothing more is queued
-	closing  error  // the cause closeWith will shut down with
-	directs  int    // direct writers waiting: queued writes hold back for them
-	progress chan struct{}
-	hdr      [headerSize]byte
-	ctrl     []byte      // a control frame written by its sender
-	iov      [2][]byte   // header and payload of a direct write
-	bufs     net.Buffers // views iov; a field so WriteTo does not allocate
+	// writeFn is l.writeLoop, bound once so that starting the writer does
+	// not allocate.
+	writeFn func()
+	writers sync.WaitGroup
+
+	mu         sync.Mutex
+	stream     *buffer // stream frames waiting, in order; nil while idle
+	inflight   int     // stream bytes the writer has taken but not yet written
+	beats      []byte  // pings and pongs waiting
+	beatsSpare []byte  // the last written beats, reused
+	writing    bool    // the writer goroutine is running
+	closed     bool    // set by shutdown: nothing more is queued
+	closing    error   // the cause closeWith will shut down with
+	fullSince  time.Time
+	progress   chan struct{} // closed and replaced after every write
+	iov        [2][]byte
+	bufs       net.Buffers // views iov; a field so that WriteTo does not allocate
 
 	// goodbye is the reconnect window a departing server asked for.
 	goodbye atomic.Int64
@@ -78,21 +94,25 @@ type link struct {
 	err  error // first cause; read only after done is closed
 }
 
-func newLink(nc net.Conn, o *commonOptions, closedErr error) *link {
-	rd := &deadlineReader{conn: nc}
+// newLink returns a link over nc, which runs over raw (the same connection
+// without TLS).
+func newLink(nc, raw net.Conn, o *commonOptions, closedErr error) *link {
 	l := &link{
-		nc: nc,
-		rd: rd,
-		// Until the hello exchange completes no data frame is allowed,
-		// so no peer can make us allocate before it has said who it is.
-		fr:           newFrameReader(rd, 0),
-		maxData:      o.maxFrameSize,
+		nc:           nc,
+		raw:          raw,
+		maxSend:      o.maxFrameSize,
 		writeTimeout: o.writeTimeout,
 		closedErr:    closedErr,
 		done:         make(chan struct{}),
 	}
-	l.fr.count = &rd.frames
-	l.flushFn = l.flush
+	// Until the hello exchange completes no data frame is allowed, so no
+	// peer can make us allocate before it has said who it is.
+	l.fr = newFrameReader(nil, 0)
+	l.rd = &deadlineReader{conn: nc, frames: &l.fr.frames}
+	l.fr.br.Reset(l.rd)
+	l.fr.handshake = true
+	l.writeFn = l.writeLoop
+	limitUnsent(raw)
 	return l
 }
 
@@ -102,12 +122,18 @@ func (l *link) startHandshake(deadline time.Time) {
 	l.rd.fixed = deadline
 }
 
-// established ends the handshake: data frames up to the maximum size are
-// accepted from now on, and each read may wait for idle (0 for ever).
-func (l *link) established(idle time.Duration) {
+// established ends the handshake: data frames up to maxData bytes are
+// accepted from now on, and each read may wait for idle (0 for ever). peer
+// is the other side's hello.
+func (l *link) established(idle time.Duration, maxData int, peer hello) {
 	l.rd.fixed = time.Time{}
 	l.rd.idle = idle
-	l.fr.maxData = l.maxData
+	l.fr.maxData = maxData
+	l.fr.handshake = false
+	if peer.maxMessage > 0 {
+		l.fragments = true
+		l.maxSend = min(l.maxSend, peer.maxMessage)
+	}
 }
 
 // shutdown tears the link down with cause err. Only the first call has an
@@ -121,17 +147,20 @@ func (l *link) shutdown(err error) error {
 			// gets here; the disconnect is still ours.
 			err = l.closing
 		}
+		l.signalLocked()
 		l.mu.Unlock()
 		l.err = err
-		l.nc.Close()
+		// The raw connection: closing a TLS connection would first try
+		// to send close_notify into a socket that may be full.
+		l.raw.Close()
 		close(l.done)
 	})
 	<-l.done
 	return l.err
 }
 
-// wait returns once the flusher has exited; call it after shutdown.
-func (l *link) wait() { l.flushers.Wait() }
+// wait returns once the writer has exited; call it after shutdown.
+func (l *link) wait() { l.writers.Wait() }
 
 // cause returns why the link went down, or nil while it is up.
 func (l *link) cause() error {
@@ -143,38 +172,69 @@ func (l *link) cause() error {
 	}
 }
 
-// write sends one frame, after every frame written before it. A small frame
-// is queued and write returns at once; the flusher writes it with the write
-// timeout. A large one is written by the caller once the queue has drained,
-// and write returns when it is on the socket. ctx bounds only the wait for
-// room in the queue or for the socket: a frame is never abandoned half
-// written, which would corrupt the stream. A failed write tears the link
-// down.
-func (l *link) write(ctx context.Context, t frameType, payload []byte) error {
-	if len(payload) >= directWriteMin {
-		return l.writeDirect(ctx, t, payload)
-	}
-	need := headerSize + len(payload)
+// checkSize refuses a message longer than either side accepts, before
+// anything is queued.
+func (l *link) checkSize(p []byte) error {
+	return checkPayload(p, l.maxSend)
+}
+
+// offer queues message p if the stream queue has room, and returns
+// ErrQueueFull if not, or closedErr if the link is down. A queue that has
+// stayed full for the write timeout means the peer is not keeping up: the
+// link is torn down as a slow consumer.
+func (l *link) offer(p []byte) error {
 	l.mu.Lock()
-	for !l.closed && (l.directs > 0 || len(l.queue) > 0 && len(l.queue)+need > sendQueueLimit) {
-		if err := l.waitLocked(ctx); err != nil {
+	switch {
+	case l.closed:
+		l.mu.Unlock()
+		return l.closedErr
+	case l.queuedLocked() >= sendQueueLimit:
+		now := time.Now()
+		if l.fullSince.IsZero() {
+			l.fullSince = now
+		}
+		stuck := l.writeTimeout > 0 && now.Sub(l.fullSince) >= l.writeTimeout
+		l.mu.Unlock()
+		if stuck {
+			l.shutdown(fmt.Errorf("%w: send queue full for %v", ErrSlowConsumer, l.writeTimeout))
+			return l.closedErr
+		}
+		return ErrQueueFull
+	}
+	l.appendMessageLocked(p)
+	l.mu.Unlock()
+	return nil
+}
+
+// send queues message p, waiting for room in the stream queue as long as
+// ctx allows.
+func (l *link) send(ctx context.Context, p []byte) error {
+	for {
+		err := l.offer(p)
+		if err != ErrQueueFull {
+			return err
+		}
+		if err := l.waitRoom(ctx); err != nil {
 			return err
 		}
 	}
-	if l.closed {
-		l.mu.Unlock()
-		return l.closedErr
-	}
-	l.queue = appendFrame(l.queue, t, payload)
-	if !l.writing {
-		l.startFlusherLocked()
+}
+
+// waitRoom waits until the stream queue may have room, or the link is down
+// (the next offer says which), or ctx ends.
+func (l *link) waitRoom(ctx context.Context) error {
+	l.mu.Lock()
+	for !l.closed && l.queuedLocked() >= sendQueueLimit {
+		if err := l.waitLocked(ctx); err != nil {
+			return err
+		}
 	}
 	l.mu.Unlock()
 	return nil
 }
 
-// queueAll queues data frames for msgs, whatever their size, without
-// waiting; it reports false if the link is down.
+// queueAll queues msgs whatever room there is; it reports false if the
+// link is down.
 func (l *link) queueAll(msgs [][]byte) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -182,170 +242,201 @@ func (l *link) queueAll(msgs [][]byte) bool {
 		return false
 	}
 	for _, m := range msgs {
-		l.queue = appendFrame(l.queue, frameData, m)
-	}
-	if !l.writing {
-		l.startFlusherLocked()
+		l.appendMessageLocked(m)
 	}
 	return true
 }
 
-// errQueueFull is returned by writeControl when the send queue has no room.
-var errQueueFull = errors.New("vgo: send queue full")
+// queueFrame queues one frame on the stream, whatever room there is: the
+// frames that go this way (hello, goodbye, close) are few and small. It
+// reports false if the link is down.
+func (l *link) queueFrame(t frameType, payload []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	l.streamLocked().b = appendFrame(l.stream.b, t, payload)
+	l.startLocked()
+	return true
+}
 
-// writeControl sends a ping or a pong without waiting. On an idle link the
-// caller writes the frame itself, which spares starting the flusher for
-// the one frame that heartbeats send at a time; on a busy link the frame
-// joins the queue. When the queue is full it sends nothing and returns
-// errQueueFull: data is flowing then, and any frame tells the peer the link
-// is alive.
-func (l *link) writeControl(t frameType, payload []byte) error {
+// beat queues a ping or a pong ahead of the stream. It never waits: a
+// heartbeat queue that overflows means the peer sends pings and does not
+// read the pongs, and the link is torn down as a slow consumer.
+func (l *link) beat(t frameType, payload []byte) error {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
 		return l.closedErr
 	}
-	if l.writing || len(l.queue) > 0 || l.directs > 0 {
-		if len(l.queue)+headerSize+len(payload) > sendQueueLimit {
-			l.mu.Unlock()
-			return errQueueFull
-		}
-		l.queue = appendFrame(l.queue, t, payload)
-		if !l.writing {
-			l.startFlusherLocked()
-		}
+	if len(l.beats)+headerSize+len(payload) > maxHeartbeatQueue {
 		l.mu.Unlock()
-		return nil
+		l.shutdown(fmt.Errorf("%w: %d bytes of heartbeats unsent", ErrSlowConsumer, maxHeartbeatQueue))
+		return l.closedErr
 	}
-	l.writing = true
+	l.beats = appendFrame(l.beats, t, payload)
+	l.startLocked()
 	l.mu.Unlock()
-
-	l.ctrl = appendFrame(l.ctrl[:0], t, payload)
-	err := l.nc.SetWriteDeadline(l.writeDeadline())
-	if err == nil {
-		_, err = l.nc.Write(l.ctrl)
-	}
-
-	return l.endWrite(t, err)
+	return nil
 }
 
-// endWrite gives the socket back after a write by its caller, hands it to
-// the flusher if frames queued up meanwhile, and tears the link down if the
-// write failed.
-func (l *link) endWrite(t frameType, err error) error {
+func (l *link) queuedLocked() int {
+	n := l.inflight
+	if l.stream != nil {
+		n += len(l.stream.b)
+	}
+	return n
+}
+
+func (l *link) streamLocked() *buffer {
+	if l.stream == nil {
+		l.stream = getBuffer()
+	}
+	return l.stream
+}
+
+// appendMessageLocked encodes message p onto the stream: one data frame,
+// or fragments when it is long and the peer reassembles them.
+func (l *link) appendMessageLocked(p []byte) {
+	buf := l.streamLocked()
+	if len(p) <= fragmentSize || !l.fragments {
+		buf.b = appendFrame(buf.b, frameData, p)
+	} else {
+		first := p[:fragmentSize]
+		buf.b = append(buf.b, byte(frameFirst))
+		buf.b = binary.BigEndian.AppendUint32(buf.b, uint32(4+len(first)))
+		buf.b = binary.BigEndian.AppendUint32(buf.b, uint32(len(p)))
+		buf.b = append(buf.b, first...)
+		for rest := p[fragmentSize:]; len(rest) > 0; {
+			n := min(len(rest), fragmentSize)
+			buf.b = appendFrame(buf.b, frameFragment, rest[:n])
+			rest = rest[n:]
+		}
+	}
+	l.startLocked()
+}
+
+// startLocked starts the writer unless it runs.
+func (l *link) startLocked() {
+	if !l.writing {
+		l.writing = true
+		l.writers.Add(1)
+		go l.writeFn()
+	}
+}
+
+// writeLoop is the writer: it writes the heartbeat queue and the stream,
+// a piece of at most writeChunk stream bytes per write with the heartbeats
+// in front, until both are empty or the link is down. While it writes one
+// batch of the stream, senders append to the other buffer.
+func (l *link) writeLoop() {
+	defer l.writers.Done()
+	var (
+		batch *buffer // stream frames taken from the queue, written from off
+		off   int
+		err   error
+	)
 	l.mu.Lock()
+	for !l.closed {
+		if batch == nil || off == len(batch.b) {
+			if batch != nil {
+				batch.b = batch.b[:0]
+			}
+			batch, l.stream = l.stream, batch
+			off = 0
+		}
+		var piece []byte
+		if batch != nil {
+			piece = batch.b[off:chunkEnd(batch.b, off, writeChunk)]
+			l.inflight = len(batch.b) - off
+		}
+		if len(piece) == 0 && len(l.beats) == 0 {
+			break
+		}
+		beats := l.beats
+		l.beats, l.beatsSpare = l.beatsSpare[:0], nil
+		l.mu.Unlock()
+
+		err = l.writeOut(beats, piece)
+
+		l.mu.Lock()
+		l.beatsSpare = beats[:0]
+		off += len(piece)
+		l.inflight -= len(piece)
+		if l.queuedLocked() < sendQueueLimit {
+			l.fullSince = time.Time{}
+		}
+		l.signalLocked()
+		if err != nil {
+			break
+		}
+	}
+	// Idle or down: the buffers go back to the pool.
 	l.writing = false
-	if err == nil && !l.closed && len(l.queue) > 0 {
-		l.startFlusherLocked()
+	l.inflight = 0
+	putBuffer(batch)
+	if l.stream != nil && (err != nil || l.closed || len(l.stream.b) == 0) {
+		putBuffer(l.stream)
+		l.stream = nil
 	}
 	l.signalLocked()
 	l.mu.Unlock()
-	if err == nil {
-		return nil
+	if err != nil {
+		l.shutdown(writeError(err))
 	}
-	err = fmt.Errorf("vgo: write %s frame: %w", t, err)
-	if cause := l.shutdown(err); cause != err {
-		return l.closedErr // the link was already going down for another reason
+}
+
+// writeOut writes beats, then piece, in one system call where it can.
+func (l *link) writeOut(beats, piece []byte) error {
+	if l.writeTimeout > 0 {
+		if err := l.nc.SetWriteDeadline(time.Now().Add(l.writeTimeout)); err != nil {
+			return err
+		}
+	}
+	var err error
+	switch {
+	case len(beats) == 0:
+		_, err = l.nc.Write(piece)
+	case len(piece) == 0:
+		_, err = l.nc.Write(beats)
+	default:
+		l.iov = [2][]byte{beats, piece}
+		l.bufs = l.iov[:]
+		_, err = l.bufs.WriteTo(l.nc)
+		l.iov = [2][]byte{}
 	}
 	return err
 }
 
-// answerPing sends the pong for a ping's payload. A full queue is no
-// failure: the data in it tells the peer as much as the pong would.
-func (l *link) answerPing(p []byte) error {
-	if err := l.writeControl(framePong, p); err != errQueueFull {
-		return err
+// writeError turns a failed write into a disconnect cause: a write that
+// ran out of time means the peer is not reading.
+func writeError(err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("%w: a write did not complete in time", ErrSlowConsumer)
 	}
-	return nil
+	return fmt.Errorf("vgo: write: %w", err)
 }
 
-func (l *link) startFlusherLocked() {
-	l.writing = true
-	l.flushers.Add(1)
-	go l.flushFn()
-}
-
-// writeDirect writes a frame from the caller's goroutine, without copying
-// the payload, once the queue ahead of it has drained.
-func (l *link) writeDirect(ctx context.Context, t frameType, payload []byte) error {
-	l.mu.Lock()
-	l.directs++
-	for !l.closed && (l.writing || len(l.queue) > 0) {
-		if err := l.waitLocked(ctx); err != nil {
-			l.mu.Lock()
-			l.directs--
-			l.signalLocked()
-			l.mu.Unlock()
-			return err
+// chunkEnd returns where the piece of b that starts at off ends: after the
+// last whole frame that keeps it within limit bytes, or after the first
+// frame if that alone is longer.
+func chunkEnd(b []byte, off, limit int) int {
+	if len(b)-off <= limit {
+		return len(b)
+	}
+	end := off
+	for end < len(b) {
+		next := end + headerSize + int(binary.BigEndian.Uint32(b[end+1:]))
+		if next-off > limit && end > off {
+			break
 		}
+		end = next
 	}
-	l.directs--
-	if l.closed {
-		l.signalLocked()
-		l.mu.Unlock()
-		return l.closedErr
-	}
-	l.writing = true
-	l.mu.Unlock()
-
-	l.hdr[0] = byte(t)
-	binary.BigEndian.PutUint32(l.hdr[1:], uint32(len(payload)))
-	l.iov = [2][]byte{l.hdr[:], payload}
-	err := l.nc.SetWriteDeadline(l.writeDeadline())
-	if err == nil {
-		// One writev for both, without copying the payload.
-		l.bufs = l.iov[:]
-		_, err = l.bufs.WriteTo(l.nc)
-	}
-	l.iov, l.bufs = [2][]byte{}, nil // do not keep the caller's payload
-
-	return l.endWrite(t, err)
+	return end
 }
 
-// flush writes the queue out, a batch per system call, until it is empty.
-func (l *link) flush() {
-	defer l.flushers.Done()
-	l.mu.Lock()
-	for len(l.queue) > 0 && !l.closed {
-		batch := l.queue
-		l.queue = l.spare[:0]
-		l.spare = nil
-		l.signalLocked()
-		l.mu.Unlock()
-
-		err := l.nc.SetWriteDeadline(l.writeDeadline())
-		if err == nil {
-			_, err = l.nc.Write(batch)
-		}
-
-		l.mu.Lock()
-		l.spare = batch[:0]
-		if err != nil {
-			l.writing = false
-			l.mu.Unlock()
-			l.shutdown(fmt.Errorf("vgo: write: %w", err))
-			return
-		}
-	}
-	l.writing = false
-	if cap(l.queue) > keepBufferMax {
-		l.queue = nil
-	}
-	if cap(l.spare) > keepBufferMax {
-		l.spare = nil
-	}
-	l.signalLocked()
-	l.mu.Unlock()
-}
-
-func (l *link) writeDeadline() time.Time {
-	if l.writeTimeout <= 0 {
-		return time.Time{}
-	}
-	return time.Now().Add(l.writeTimeout)
-}
-
-// waitLocked waits for the flusher to make progress. It is called with l.mu
+// waitLocked waits for the writer to make progress. It is called with l.mu
 // held and returns with it held, except on error, when it has released it.
 func (l *link) waitLocked(ctx context.Context) error {
 	if l.progress == nil {
@@ -355,8 +446,6 @@ func (l *link) waitLocked(ctx context.Context) error {
 	l.mu.Unlock()
 	select {
 	case <-progress:
-	case <-l.done:
-		return l.closedErr
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -364,7 +453,7 @@ func (l *link) waitLocked(ctx context.Context) error {
 	return nil
 }
 
-// signalLocked wakes the writers waiting for progress, if any.
+// signalLocked wakes whoever waits for progress.
 func (l *link) signalLocked() {
 	if l.progress != nil {
 		close(l.progress)
@@ -372,35 +461,32 @@ func (l *link) signalLocked() {
 	}
 }
 
-// closeWith sends a close frame, waits a short while for it to leave, then
-// tears the link down. A writer stuck on a dead peer must not stall the
-// teardown, so the wait is bounded.
+// closeWith sends a close frame after whatever is queued, waits a short
+// while for it to leave, then tears the link down.
 func (l *link) closeWith(code CloseCode, reason string, cause error) {
+	l.queueClose(code, reason, cause)
 	ctx, cancel := context.WithTimeout(context.Background(), closeFrameTimeout)
 	defer cancel()
-	l.sendClose(ctx, code, reason, cause)
 	l.flushed(ctx)
 	l.shutdown(cause)
 }
 
-// sendClose queues a close frame, waiting for room no longer than ctx
-// allows, and makes cause the reason the link will go down with.
-func (l *link) sendClose(ctx context.Context, code CloseCode, reason string, cause error) {
+// queueClose queues a close frame and makes cause the reason the link will
+// go down with.
+func (l *link) queueClose(code CloseCode, reason string, cause error) {
 	l.mu.Lock()
 	if !l.closed && l.closing == nil {
 		l.closing = cause
 	}
 	l.mu.Unlock()
-	// Without room in time the peer is told nothing; the teardown that
-	// follows still happens.
-	_ = l.write(ctx, frameClose, marshalClose(code, reason))
+	l.queueFrame(frameClose, marshalClose(code, reason))
 }
 
 // flushed waits until everything queued has been written, the link is
 // down, or ctx ends.
 func (l *link) flushed(ctx context.Context) {
 	l.mu.Lock()
-	for !l.closed && (l.writing || len(l.queue) > 0) {
+	for !l.closed && l.writing {
 		if l.waitLocked(ctx) != nil {
 			return
 		}
@@ -425,14 +511,15 @@ func readError(err error) error {
 // that silence is detected without a timer goroutine per connection. While
 // fixed is set (during the handshake) every read shares that deadline.
 // Afterwards, with idle set, the deadline is idle after the last read that
-// followed a complete frame: bytes that never make up a frame do not push it
-// forward, so a peer cannot stay alive by trickling them.
+// followed a complete frame (a fragment counts): bytes that never make up
+// a frame do not push it forward, so a peer cannot stay alive by trickling
+// them.
 type deadlineReader struct {
 	conn  net.Conn
 	fixed time.Time
 	idle  time.Duration
 	// frames counts the frames decoded so far; the frame reader keeps it.
-	frames uint64
+	frames *atomic.Uint64
 	seen   uint64    // frames at the last push of the deadline
 	next   time.Time // the idle deadline
 	set    time.Time // the deadline in force on conn
@@ -441,8 +528,8 @@ type deadlineReader struct {
 func (r *deadlineReader) Read(p []byte) (int, error) {
 	deadline := r.fixed
 	if deadline.IsZero() && r.idle > 0 {
-		if r.next.IsZero() || r.frames != r.seen {
-			r.seen = r.frames
+		if n := r.frames.Load(); r.next.IsZero() || n != r.seen {
+			r.seen = n
 			r.next = time.Now().Add(r.idle)
 		}
 		deadline = r.next

@@ -35,6 +35,17 @@ var (
 	// frame size, and wrapped when a peer announces such a frame.
 	ErrFrameTooLarge = errors.New("vgo: frame too large")
 
+	// ErrQueueFull is returned by TrySend when the connection's send queue
+	// has no room, and counted by Broadcast as a connection not reached.
+	ErrQueueFull = errors.New("vgo: send queue full")
+
+	// ErrSlowConsumer is the cause of a disconnect when the peer did not
+	// take what was sent to it: a write did not complete within the write
+	// timeout, the send queue stayed full for that long, or the peer kept
+	// pinging without reading its pongs. It satisfies net.Error with
+	// Timeout() == true.
+	ErrSlowConsumer error = &timeoutError{"vgo: slow consumer"}
+
 	// ErrBufferFull is returned by Client.Send while disconnected when the
 	// send buffer has no room and its policy is BufferFailNew.
 	ErrBufferFull = errors.New("vgo: send buffer full")

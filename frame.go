@@ -8,6 +8,8 @@ import (
 	"io"
 	"math"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -19,12 +21,14 @@ import (
 type frameType uint8
 
 const (
-	frameHello   frameType = 0x01
-	frameData    frameType = 0x02
-	framePing    frameType = 0x03
-	framePong    frameType = 0x04
-	frameClose   frameType = 0x05
-	frameGoodbye frameType = 0x06
+	frameHello    frameType = 0x01
+	frameData     frameType = 0x02
+	framePing     frameType = 0x03
+	framePong     frameType = 0x04
+	frameClose    frameType = 0x05
+	frameGoodbye  frameType = 0x06
+	frameFirst    frameType = 0x07 // the first fragment of a long message
+	frameFragment frameType = 0x08 // a further fragment
 )
 
 func (t frameType) String() string {
@@ -41,6 +45,10 @@ func (t frameType) String() string {
 		return "close"
 	case frameGoodbye:
 		return "goodbye"
+	case frameFirst:
+		return "first fragment"
+	case frameFragment:
+		return "fragment"
 	}
 	return fmt.Sprintf("0x%02x", uint8(t))
 }
@@ -59,14 +67,11 @@ const (
 	maxHelloSize = 1024
 
 	// MaxCredentialsSize is the most credentials a hello has room for,
-	// next to the magic, the version and the ping interval.
-	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - (3 + 4)
+	// next to the magic, the version, the ping interval and the maximum
+	// message size.
+	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - 2*(3+4)
 	maxPingSize        = 64
 	maxReasonSize      = 256
-
-	// keepReadBuffer is the largest payload buffer a connection keeps
-	// between frames.
-	keepReadBuffer = 64 << 10
 )
 
 // helloMagic opens every hello payload, so a peer that speaks another
@@ -77,8 +82,10 @@ var helloMagic = [3]byte{'V', 'G', 'O'}
 // for a type this version does not know.
 func maxPayload(t frameType, maxData int) int {
 	switch t {
-	case frameData:
+	case frameData, frameFragment:
 		return maxData
+	case frameFirst:
+		return 4 + maxData
 	case frameHello:
 		return maxHelloSize
 	case framePing, framePong:
@@ -91,24 +98,74 @@ func maxPayload(t frameType, maxData int) int {
 	return -1
 }
 
-// frameReader decodes frames from a buffered stream. The payload it returns
-// aliases an internal buffer that the next call overwrites.
+// protocolError is a peer's breach of the protocol. detail, without the
+// "vgo: protocol error" prefix, becomes the reason of the close frame that
+// answers it.
+type protocolError struct {
+	detail string
+	err    error // a further sentinel it wraps, such as ErrFrameTooLarge
+}
+
+func protocolErrorf(format string, args ...any) error {
+	return &protocolError{detail: fmt.Sprintf(format, args...)}
+}
+
+func (e *protocolError) Error() string        { return "vgo: protocol error: " + e.detail }
+func (e *protocolError) Is(target error) bool { return target == ErrProtocol }
+func (e *protocolError) Unwrap() error        { return e.err }
+
+// frameReader decodes frames from a buffered stream and puts fragmented
+// messages back together. The payload it returns aliases a buffer that the
+// next call reuses or gives back to the pool.
 type frameReader struct {
 	br      *bufio.Reader
 	maxData int
-	buf     []byte  // for payloads larger than br's buffer
-	count   *uint64 // incremented for each frame decoded, if set
+	// handshake allows only a hello, or a close refusing one.
+	handshake bool
+	// frames counts the frames decoded, fragments included; the read
+	// deadline and the client's heartbeat watch it from other goroutines.
+	frames atomic.Uint64
+
+	held *buffer // the pooled buffer of a payload handed out or a message being reassembled
+	want int     // the length of the message being reassembled, -1 when there is none
 }
 
 func newFrameReader(r io.Reader, maxData int) *frameReader {
-	return &frameReader{br: bufio.NewReader(r), maxData: maxData}
+	return &frameReader{br: bufio.NewReader(r), maxData: maxData, want: -1}
 }
 
-// next reads one frame. It checks the type and the announced length before
-// it allocates anything, so a hostile length costs nothing. A stream that
-// ends cleanly between frames returns io.EOF; one that ends inside a frame
-// returns io.ErrUnexpectedEOF.
+// next returns the next message or control frame. Fragments are not
+// returned: their message is, once whole, as a data frame. It checks every
+// type and length before it allocates anything, so a hostile length costs
+// nothing, and grows a long message's buffer only as its bytes arrive. A
+// stream that ends cleanly between frames returns io.EOF; one that ends
+// inside a frame returns io.ErrUnexpectedEOF.
 func (r *frameReader) next() (frameType, []byte, error) {
+	if r.want < 0 {
+		putBuffer(r.held)
+		r.held = nil
+	}
+	for {
+		t, p, err := r.frame()
+		if err != nil {
+			return 0, nil, err
+		}
+		switch {
+		case t == frameData && r.want >= 0:
+			return 0, nil, protocolErrorf("data frame inside a fragmented message")
+		case t != frameFirst && t != frameFragment:
+			return t, p, nil
+		case len(r.held.b) < r.want:
+			continue
+		}
+		r.want = -1
+		return frameData, r.held.b, nil
+	}
+}
+
+// frame reads one frame. A fragment's bytes go onto the message being
+// reassembled, and p is nil.
+func (r *frameReader) frame() (t frameType, p []byte, err error) {
 	hdr, err := r.br.Peek(headerSize)
 	if err != nil {
 		if len(hdr) > 0 && errors.Is(err, io.EOF) {
@@ -116,29 +173,19 @@ func (r *frameReader) next() (frameType, []byte, error) {
 		}
 		return 0, nil, err
 	}
-	t := frameType(hdr[0])
-	n := binary.BigEndian.Uint32(hdr[1:])
-	limit := maxPayload(t, r.maxData)
-	if limit < 0 {
-		return 0, nil, fmt.Errorf("%w: unknown frame type %s", ErrProtocol, t)
-	}
-	if uint64(n) > uint64(limit) {
-		err := fmt.Errorf("%w: %s frame of %d bytes exceeds limit of %d", ErrProtocol, t, n, limit)
-		if t == frameData {
-			err = fmt.Errorf("%w: %w", err, ErrFrameTooLarge)
-		}
+	t = frameType(hdr[0])
+	n := int(binary.BigEndian.Uint32(hdr[1:]))
+	if err := r.check(t, n); err != nil {
 		return 0, nil, err
 	}
 	_, _ = r.br.Discard(headerSize) // cannot fail: the bytes are buffered
-	var p []byte
-	if int(n) <= r.br.Size() {
-		// Small frames are handed out straight from the read buffer.
-		p, err = r.br.Peek(int(n))
-		if err == nil {
-			_, _ = r.br.Discard(int(n))
-		}
-	} else {
-		p, err = r.readLarge(int(n))
+	switch t {
+	case frameFirst:
+		err = r.first(n)
+	case frameFragment:
+		r.held.b, err = r.readInto(r.held.b, n)
+	default:
+		p, err = r.payload(n)
 	}
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -146,36 +193,93 @@ func (r *frameReader) next() (frameType, []byte, error) {
 		}
 		return 0, nil, err
 	}
-	if r.count != nil {
-		*r.count++
-	}
+	r.frames.Add(1)
 	return t, p, nil
 }
 
-// readLarge reads a payload of n bytes, more than the read buffer holds. A
-// new buffer starts at no more than keepReadBuffer and doubles as bytes
-// arrive, so a peer that announces a large frame and sends little of it
-// costs little memory. Buffers up to keepReadBuffer are kept for the next
-// frame; larger ones are left to the collector once the frame is handled.
-func (r *frameReader) readLarge(n int) ([]byte, error) {
-	p := r.buf[:0]
-	if cap(p) < n {
-		p = make([]byte, 0, min(n, keepReadBuffer))
-	}
-	for len(p) < n {
-		if len(p) == cap(p) {
-			p = slices.Grow(p, min(n, 2*cap(p))-len(p))
+// check refuses a frame by its header: one that may not come now, or
+// that is longer than its type allows.
+func (r *frameReader) check(t frameType, n int) error {
+	limit := maxPayload(t, r.maxData)
+	switch {
+	case limit < 0:
+		return protocolErrorf("unknown frame type %s", t)
+	case r.handshake && t != frameHello && t != frameClose:
+		return protocolErrorf("expected hello, got %s frame", t)
+	case t == frameFragment && r.want < 0:
+		return protocolErrorf("fragment without a first fragment")
+	case t == frameFragment && len(r.held.b)+n > r.want:
+		return protocolErrorf("fragments exceed their message of %d bytes", r.want)
+	case t == frameFirst && r.want >= 0:
+		return protocolErrorf("first fragment inside a fragmented message")
+	case t == frameFirst && n < 4:
+		return protocolErrorf("first fragment of %d bytes has no message length", n)
+	case n > limit:
+		err := &protocolError{detail: fmt.Sprintf("%s frame of %d bytes exceeds limit of %d", t, n, limit)}
+		if t == frameData || t == frameFirst || t == frameFragment {
+			err.err = ErrFrameTooLarge
 		}
-		m, err := r.br.Read(p[len(p):min(cap(p), n)])
-		p = p[:len(p)+m]
+		return err
+	}
+	return nil
+}
+
+// first starts a fragmented message with the first fragment, n bytes of
+// which the header is already read. The message length is checked against
+// the maximum before anything is allocated for it.
+func (r *frameReader) first(n int) error {
+	b, err := r.br.Peek(4)
+	if err != nil {
+		return err
+	}
+	want := int(binary.BigEndian.Uint32(b))
+	switch {
+	case want > r.maxData:
+		return &protocolError{
+			detail: fmt.Sprintf("message of %d bytes exceeds limit of %d", want, r.maxData),
+			err:    ErrFrameTooLarge,
+		}
+	case n-4 > want:
+		return protocolErrorf("first fragment of %d bytes exceeds its message of %d", n-4, want)
+	}
+	_, _ = r.br.Discard(4)
+	r.want = want
+	r.held = getBuffer()
+	r.held.b, err = r.readInto(r.held.b, n-4)
+	return err
+}
+
+// payload reads a frame's n payload bytes. Small ones are handed out
+// straight from the read buffer; larger ones are read into a pooled buffer.
+func (r *frameReader) payload(n int) ([]byte, error) {
+	if n <= r.br.Size() {
+		p, err := r.br.Peek(n)
 		if err != nil {
 			return nil, err
 		}
+		_, _ = r.br.Discard(n)
+		return p, nil
 	}
-	if cap(p) <= keepReadBuffer {
-		r.buf = p
-	} else {
-		r.buf = nil
+	r.held = getBuffer()
+	var err error
+	r.held.b, err = r.readInto(r.held.b, n)
+	return r.held.b, err
+}
+
+// readInto appends n bytes from the stream to p. It grows p as the bytes
+// arrive, doubling at most, so that a peer that announces a long frame and
+// sends little of it costs little memory.
+func (r *frameReader) readInto(p []byte, n int) ([]byte, error) {
+	end := len(p) + n
+	for len(p) < end {
+		if len(p) == cap(p) {
+			p = slices.Grow(p, min(end-len(p), max(cap(p), r.br.Size())))
+		}
+		m, err := r.br.Read(p[len(p):min(cap(p), end)])
+		p = p[:len(p)+m]
+		if err != nil {
+			return p, err
+		}
 	}
 	return p, nil
 }
@@ -205,20 +309,29 @@ type hello struct {
 	credentials []byte
 	// pingInterval is the client's ping interval, 0 when it does not ping.
 	pingInterval time.Duration
+	// maxMessage is the longest message the sender accepts. Its presence
+	// also says that the sender reassembles fragmented messages; 0 when
+	// absent.
+	maxMessage int
 	// minPing and maxPing bound the ping interval a server accepts; 0 for
 	// no bound.
 	minPing, maxPing time.Duration
+	// heartbeatTimeout is how long a server lets a connection stay
+	// silent; 0 when it never closes silent connections.
+	heartbeatTimeout time.Duration
 }
 
 // Hello field tags. PROTOCOL.md lists them.
 const (
-	tagCredentials  = 0x01 // client: opaque bytes
-	tagPingInterval = 0x02 // client: uint32 milliseconds
-	tagPingRange    = 0x10 // server: two uint32 milliseconds, min and max
+	tagCredentials      = 0x01 // client: opaque bytes
+	tagPingInterval     = 0x02 // client: uint32 milliseconds
+	tagMaxMessage       = 0x03 // both: uint32 bytes
+	tagPingRange        = 0x10 // server: two uint32 milliseconds, min and max
+	tagHeartbeatTimeout = 0x11 // server: uint32 milliseconds
 )
 
 func (h hello) marshal() []byte {
-	b := make([]byte, 0, 16+len(h.credentials))
+	b := make([]byte, 0, 48+len(h.credentials))
 	b = append(b, helloMagic[:]...)
 	b = append(b, h.version)
 	if h.credentials != nil {
@@ -227,9 +340,15 @@ func (h hello) marshal() []byte {
 	if h.pingInterval > 0 {
 		b = appendField(b, tagPingInterval, binary.BigEndian.AppendUint32(nil, millis(h.pingInterval)))
 	}
+	if h.maxMessage > 0 {
+		b = appendField(b, tagMaxMessage, binary.BigEndian.AppendUint32(nil, uint32(h.maxMessage)))
+	}
 	if h.minPing > 0 || h.maxPing > 0 {
 		r := binary.BigEndian.AppendUint32(nil, millis(h.minPing))
 		b = appendField(b, tagPingRange, binary.BigEndian.AppendUint32(r, millis(h.maxPing)))
+	}
+	if h.heartbeatTimeout > 0 {
+		b = appendField(b, tagHeartbeatTimeout, binary.BigEndian.AppendUint32(nil, millis(h.heartbeatTimeout)))
 	}
 	return b
 }
@@ -241,14 +360,38 @@ func appendField(b []byte, tag byte, value []byte) []byte {
 }
 
 // millis converts d to whole milliseconds for the wire, rounding up so that
-// a positive duration never becomes 0.
+// a positive duration never becomes 0, and saturating at the largest
+// uint32.
 func millis(d time.Duration) uint32 {
-	return uint32(min((d+time.Millisecond-1)/time.Millisecond, math.MaxUint32))
+	ms := d / time.Millisecond
+	if d%time.Millisecond > 0 {
+		ms++
+	}
+	return uint32(min(ms, math.MaxUint32))
 }
 
-func parseHello(p []byte) (hello, error) {
+// helloField describes a known hello field: who may send it and how long
+// its value is (-1 for any length).
+type helloField struct {
+	fromClient, fromServer bool
+	size                   int
+}
+
+var helloFields = map[byte]helloField{
+	tagCredentials:      {fromClient: true, size: -1},
+	tagPingInterval:     {fromClient: true, size: 4},
+	tagMaxMessage:       {fromClient: true, fromServer: true, size: 4},
+	tagPingRange:        {fromServer: true, size: 8},
+	tagHeartbeatTimeout: {fromServer: true, size: 4},
+}
+
+// parseHello decodes a hello sent by a server (fromServer) or a client.
+// A known field sent twice, sent by the wrong side, of the wrong size, or
+// with a zero where only a positive value means anything is a protocol
+// error; unknown fields are skipped.
+func parseHello(p []byte, fromServer bool) (hello, error) {
 	if len(p) < len(helloMagic)+1 || [3]byte(p[:3]) != helloMagic {
-		return hello{}, fmt.Errorf("%w: hello does not start with %q", ErrProtocol, helloMagic[:])
+		return hello{}, protocolErrorf("hello does not start with %q", helloMagic[:])
 	}
 	h := hello{version: p[3]}
 	if h.version != ProtocolVersion {
@@ -256,30 +399,60 @@ func parseHello(p []byte) (hello, error) {
 		// the caller rejects the version itself.
 		return h, nil
 	}
+	var seen [256]bool
 	fields := p[4:]
 	for len(fields) > 0 {
 		if len(fields) < 3 {
-			return hello{}, fmt.Errorf("%w: truncated hello field header", ErrProtocol)
+			return hello{}, protocolErrorf("truncated hello field header")
 		}
 		tag, n := fields[0], int(binary.BigEndian.Uint16(fields[1:3]))
 		if len(fields) < 3+n {
-			return hello{}, fmt.Errorf("%w: hello field 0x%02x overruns the frame", ErrProtocol, tag)
+			return hello{}, protocolErrorf("hello field 0x%02x overruns the frame", tag)
 		}
 		v := fields[3 : 3+n]
 		fields = fields[3+n:]
+		f, known := helloFields[tag]
 		switch {
-		case tag == tagCredentials:
+		case !known:
+			continue
+		case seen[tag]:
+			return hello{}, protocolErrorf("hello field 0x%02x sent twice", tag)
+		case fromServer && !f.fromServer, !fromServer && !f.fromClient:
+			return hello{}, protocolErrorf("hello field 0x%02x may not be sent by a %s", tag, side(fromServer))
+		case f.size >= 0 && n != f.size:
+			return hello{}, protocolErrorf("hello field 0x%02x has %d bytes, want %d", tag, n, f.size)
+		}
+		seen[tag] = true
+		switch tag {
+		case tagCredentials:
 			h.credentials = append([]byte{}, v...)
-		case tag == tagPingInterval && n == 4:
-			h.pingInterval = time.Duration(binary.BigEndian.Uint32(v)) * time.Millisecond
-		case tag == tagPingRange && n == 8:
+			continue
+		case tagPingRange:
 			h.minPing = time.Duration(binary.BigEndian.Uint32(v)) * time.Millisecond
 			h.maxPing = time.Duration(binary.BigEndian.Uint32(v[4:])) * time.Millisecond
-		case tag == tagPingInterval || tag == tagPingRange:
-			return hello{}, fmt.Errorf("%w: hello field 0x%02x has %d bytes", ErrProtocol, tag, n)
+			continue
+		}
+		u := binary.BigEndian.Uint32(v)
+		if u == 0 {
+			return hello{}, protocolErrorf("hello field 0x%02x is zero", tag)
+		}
+		switch tag {
+		case tagPingInterval:
+			h.pingInterval = time.Duration(u) * time.Millisecond
+		case tagMaxMessage:
+			h.maxMessage = int(min(uint64(u), math.MaxInt))
+		case tagHeartbeatTimeout:
+			h.heartbeatTimeout = time.Duration(u) * time.Millisecond
 		}
 	}
 	return h, nil
+}
+
+func side(server bool) string {
+	if server {
+		return "server"
+	}
+	return "client"
 }
 
 // parseGoodbye returns the window over which a departing server asks its
@@ -291,7 +464,10 @@ func parseGoodbye(p []byte) time.Duration {
 	return time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
 }
 
+// marshalClose encodes a close frame's payload. The reason is made valid
+// UTF-8 and cut, at a character boundary, to the room the frame has.
 func marshalClose(code CloseCode, reason string) []byte {
+	reason = strings.ToValidUTF8(reason, "\uFFFD")
 	if len(reason) > maxReasonSize {
 		cut := maxReasonSize
 		for cut > 0 && !utf8.RuneStart(reason[cut]) {
@@ -302,9 +478,12 @@ func marshalClose(code CloseCode, reason string) []byte {
 	return append([]byte{byte(code)}, reason...)
 }
 
+// parseClose decodes a close frame's payload. A reason that is not valid
+// UTF-8 has its bad bytes replaced with U+FFFD rather than failing: the
+// connection is ending either way.
 func parseClose(p []byte) *CloseError {
 	if len(p) == 0 {
 		return &CloseError{Code: CloseNormal}
 	}
-	return &CloseError{Code: CloseCode(p[0]), Reason: string(p[1:])}
+	return &CloseError{Code: CloseCode(p[0]), Reason: strings.ToValidUTF8(string(p[1:]), "\uFFFD")}
 }

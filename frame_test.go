@@ -90,19 +90,19 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 }
 
 func TestParseHello(t *testing.T) {
-	h, err := parseHello(hello{version: ProtocolVersion}.marshal())
+	h, err := parseHello(hello{version: ProtocolVersion}.marshal(), false)
 	require.NoError(t, err)
 	assert.Equal(t, uint8(ProtocolVersion), h.version)
 
 	// Fields a later version may add are skipped.
 	withFields := append(hello{version: 3}.marshal(), 0x70, 0, 2, 'h', 'i', 0x71, 0, 0)
-	h, err = parseHello(withFields)
+	h, err = parseHello(withFields, false)
 	require.NoError(t, err)
 	assert.Equal(t, uint8(3), h.version)
 
 	// Another version's fields are not judged by this version's rules: the
 	// version is rejected as such.
-	h, err = parseHello(append(hello{version: 2}.marshal(), tagPingInterval, 0, 3, 1, 2, 3))
+	h, err = parseHello(append(hello{version: 2}.marshal(), tagPingInterval, 0, 3, 1, 2, 3), false)
 	require.NoError(t, err)
 	assert.Equal(t, uint8(2), h.version)
 
@@ -113,7 +113,7 @@ func TestParseHello(t *testing.T) {
 		"truncated field": append(hello{version: 1}.marshal(), 0x10, 0),
 		"field overruns":  append(hello{version: 1}.marshal(), 0x10, 0, 9, 'x'),
 	} {
-		_, err := parseHello(p)
+		_, err := parseHello(p, true)
 		assert.ErrorIs(t, err, ErrProtocol, name)
 	}
 }
@@ -168,18 +168,22 @@ func FuzzParseHello(f *testing.F) {
 	f.Add(append(hello{version: 2}.marshal(), 0x10, 0, 2, 'h', 'i'))
 	f.Add([]byte("VGO"))
 	f.Add(hello{version: 1, credentials: []byte("token"), pingInterval: time.Second, minPing: time.Millisecond, maxPing: time.Minute}.marshal())
+	f.Add(hello{version: 1, maxMessage: 1 << 20, heartbeatTimeout: 15 * time.Second, maxPing: 5 * time.Second}.marshal())
 	f.Fuzz(func(t *testing.T, p []byte) {
-		h, err := parseHello(p)
-		if err != nil {
-			if !errors.Is(err, ErrProtocol) {
-				t.Fatalf("unexpected error %v", err)
+		for _, fromServer := range []bool{false, true} {
+			h, err := parseHello(p, fromServer)
+			if err != nil {
+				if !errors.Is(err, ErrProtocol) {
+					t.Fatalf("unexpected error %v", err)
+				}
+				continue
 			}
-			return
-		}
-		again, err := parseHello(h.marshal())
-		if err != nil || again.version != h.version || !bytes.Equal(again.credentials, h.credentials) ||
-			again.pingInterval != h.pingInterval || again.minPing != h.minPing || again.maxPing != h.maxPing {
-			t.Fatalf("round trip of %+v gave %+v, %v", h, again, err)
+			again, err := parseHello(h.marshal(), fromServer)
+			if err != nil || again.version != h.version || !bytes.Equal(again.credentials, h.credentials) ||
+				again.pingInterval != h.pingInterval || again.maxMessage != h.maxMessage ||
+				again.minPing != h.minPing || again.maxPing != h.maxPing || again.heartbeatTimeout != h.heartbeatTimeout {
+				t.Fatalf("round trip of %+v gave %+v, %v", h, again, err)
+			}
 		}
 	})
 }
@@ -201,13 +205,17 @@ func TestFrameReaderLargeFrames(t *testing.T) {
 	r = newFrameReader(bytes.NewReader(append(header(frameData, 1<<20), make([]byte, 10)...)), 1<<20)
 	_, _, err = r.next()
 	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
-	assert.LessOrEqual(t, cap(r.buf), keepReadBuffer, "a frame announced but not sent cost its full size")
+	assert.Less(t, cap(r.held.b), 1<<20, "a frame announced but not sent cost its full size")
 }
 
 func TestFrameReaderRejectsDataBeforeHello(t *testing.T) {
 	// A link starts with no room for data frames: the first frame must be
-	// a hello, and an announced data frame is refused before any read.
+	// a hello, and a data frame is refused by its header, before any read,
+	// for what it is rather than for its size.
 	r := newFrameReader(bytes.NewReader(header(frameData, 1<<20)), 0)
+	r.handshake = true
 	_, _, err := r.next()
-	assert.ErrorIs(t, err, ErrFrameTooLarge)
+	require.ErrorIs(t, err, ErrProtocol)
+	assert.NotErrorIs(t, err, ErrFrameTooLarge)
+	assert.Equal(t, "vgo: protocol error: expected hello, got data frame", err.Error())
 }

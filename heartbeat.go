@@ -19,25 +19,21 @@ import (
 // goroutine per connection.
 
 // heartbeat is one client connection's liveness state, shared by the reader
-// goroutine, which records arrivals and pongs, and the pinger goroutine.
+// goroutine, which counts the frames that arrive and measures pongs, and the
+// pinger goroutine.
 type heartbeat struct {
 	start    time.Time
 	interval time.Duration
 	timeout  time.Duration
-	// lastRecv is when the last frame arrived, in nanoseconds since start.
-	lastRecv atomic.Int64
-	// answered is set by the first pong: the link has proven it works.
-	answered atomic.Bool
+	// frames counts the frames received on the link, fragments included.
+	frames *atomic.Uint64
 }
 
-func newHeartbeat(interval, timeout time.Duration) *heartbeat {
-	return &heartbeat{start: time.Now(), interval: interval, timeout: timeout}
+func newHeartbeat(interval, timeout time.Duration, frames *atomic.Uint64) *heartbeat {
+	return &heartbeat{start: time.Now(), interval: interval, timeout: timeout, frames: frames}
 }
 
 func (h *heartbeat) now() int64 { return int64(time.Since(h.start)) }
-
-// received records that a frame arrived.
-func (h *heartbeat) received() { h.lastRecv.Store(h.now()) }
 
 // pong returns the round-trip time carried by a pong's payload. It reports
 // false for a payload this heartbeat did not send.
@@ -50,14 +46,15 @@ func (h *heartbeat) pong(p []byte) (time.Duration, bool) {
 	if sent < 0 || sent > now {
 		return 0, false
 	}
-	h.answered.Store(true)
 	return time.Duration(now - sent), true
 }
 
-// run sends a ping every interval until done is closed. It returns
-// ErrHeartbeatTimeout when the oldest unanswered ping has gone without any
-// inbound frame for the pong timeout, so a dead link is found at most
+// run queues a ping every interval until done is closed. It returns
+// ErrHeartbeatTimeout when no frame at all has arrived within the pong
+// timeout after the oldest unanswered ping, so a dead link is found at most
 // interval + timeout after its last frame, or the error of a failed ping.
+// send only queues the ping: however stuck the socket, the expiry fires on
+// time.
 //
 // Pings are not staggered on purpose: clients that connect in a burst ping
 // in step, which lets the server answer many pings per wake-up; spread out,
@@ -69,31 +66,31 @@ func (h *heartbeat) run(done <-chan struct{}, send func(payload []byte) error) e
 	expiry.Stop()
 	defer expiry.Stop()
 
-	// pending is when the oldest unanswered ping was sent, or -1.
-	pending := int64(-1)
+	// pending says a ping is unanswered; seen is the frame count when it
+	// was sent.
+	pending := false
+	var seen uint64
 	var payload [8]byte
 	for {
 		select {
 		case <-done:
 			return nil
 		case <-expiry.C:
-			if h.lastRecv.Load() <= pending {
+			if h.frames.Load() == seen {
 				return ErrHeartbeatTimeout
 			}
-			pending = -1
+			pending = false
 		case <-tick.C:
-			now := h.now()
-			if pending >= 0 && h.lastRecv.Load() > pending {
-				pending = -1
+			if pending && h.frames.Load() != seen {
+				pending = false
 			}
-			if pending < 0 {
-				pending = now
+			if !pending {
+				pending = true
+				seen = h.frames.Load()
 				expiry.Reset(h.timeout)
 			}
-			binary.BigEndian.PutUint64(payload[:], uint64(now))
-			// A full queue means data is flowing and will do as a sign of
-			// life; the expiry check goes on either way.
-			if err := send(payload[:]); err != nil && err != errQueueFull {
+			binary.BigEndian.PutUint64(payload[:], uint64(h.now()))
+			if err := send(payload[:]); err != nil {
 				return err
 			}
 		}

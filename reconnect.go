@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -112,8 +113,11 @@ func (c *Client) run() {
 		dialed := err == nil
 		healthy := false
 		if dialed {
+			// Healthy means the server has been heard from since its
+			// hello: then it is not one that accepts and drops at once.
+			base := l.fr.frames.Load()
 			err = c.serve(l, hb)
-			healthy = hb.answered.Load()
+			healthy = hb.interval <= 0 || l.fr.frames.Load() > base
 		}
 		if c.ctx.Err() != nil {
 			c.finish(nil)
@@ -240,18 +244,13 @@ func (c *Client) connect(addr string) (*link, *heartbeat, error) {
 			return nil, nil, handshakeError("TLS handshake", err)
 		}
 	}
-	l := newLink(nc, &c.opts.commonOptions, ErrNotConnected)
+	l := newLink(nc, raw, &c.opts.commonOptions, ErrNotConnected)
 	interval, err := c.hello(l, deadline, creds)
 	if err != nil {
 		l.shutdown(err)
 		return nil, nil, err
 	}
-	hb := newHeartbeat(interval, c.opts.pongTimeout)
-	if interval <= 0 {
-		hb.answered.Store(true)
-	}
-	hb.received()
-	return l, hb, nil
+	return l, newHeartbeat(interval, c.opts.pongTimeout, &l.fr.frames), nil
 }
 
 // hello sends the client's hello and reads the server's, all before
@@ -262,7 +261,14 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 	if err := l.nc.SetWriteDeadline(deadline); err != nil {
 		return 0, err
 	}
-	mine := hello{version: ProtocolVersion, credentials: creds, pingInterval: c.opts.pingInterval}
+	mine := hello{
+		version:      ProtocolVersion,
+		credentials:  creds,
+		pingInterval: c.opts.pingInterval,
+		maxMessage:   c.opts.maxFrameSize,
+	}
+	// Written here, before the link's writer exists: nothing else can be
+	// sent until the server has answered.
 	if _, err := l.nc.Write(appendFrame(nil, frameHello, mine.marshal())); err != nil {
 		return 0, handshakeError("send hello", err)
 	}
@@ -275,24 +281,29 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 	case frameClose:
 		return 0, parseClose(p)
 	default:
-		return 0, fmt.Errorf("%w: expected hello, got %s frame", ErrProtocol, t)
+		return 0, protocolErrorf("expected hello, got %s frame", t)
 	}
-	h, err := parseHello(p)
+	h, err := parseHello(p, true)
 	if err != nil {
 		return 0, err
 	}
 	if h.version != ProtocolVersion {
-		return 0, fmt.Errorf("%w: server speaks version %d, want %d", ErrProtocol, h.version, ProtocolVersion)
+		return 0, protocolErrorf("server speaks version %d, want %d", h.version, ProtocolVersion)
 	}
-	l.established(0)
+	l.established(0, c.opts.maxFrameSize, h)
 	return c.negotiate(h), nil
 }
 
 // negotiate moves the configured ping interval into the server's range, so
-// that the two sides' settings cannot silently disagree.
+// that the two sides' settings cannot silently disagree. A server that
+// announces its heartbeat timeout but no range gets a ping at least every
+// third of it.
 func (c *Client) negotiate(h hello) time.Duration {
 	want := c.opts.pingInterval
 	got := want
+	if h.maxPing == 0 && h.heartbeatTimeout > 0 {
+		h.maxPing = h.heartbeatTimeout / 3
+	}
 	switch {
 	case h.maxPing > 0 && (want <= 0 || want > h.maxPing):
 		got = h.maxPing
@@ -307,14 +318,33 @@ func (c *Client) negotiate(h hello) time.Duration {
 }
 
 // handshakeError names the step that failed and maps a deadline to
-// ErrHandshakeTimeout.
+// ErrHandshakeTimeout. A protocol error is returned as it is, so that the
+// close frame answering it carries its detail.
 func handshakeError(step string, err error) error {
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return fmt.Errorf("vgo: %s: %w", step, ErrHandshakeTimeout)
+	switch {
+	case errors.Is(err, ErrProtocol):
+		return err
+	case errors.As(err, &ne) && ne.Timeout():
+		err = ErrHandshakeTimeout
+	default:
+		err = readError(err)
 	}
-	return fmt.Errorf("vgo: %s: %w", step, readError(err))
+	return &stepError{step: step, err: err}
 }
+
+// stepError names the step of a connection's opening that failed. Its
+// message has the package prefix once, however many the cause has.
+type stepError struct {
+	step string
+	err  error
+}
+
+func (e *stepError) Error() string {
+	return "vgo: " + e.step + ": " + strings.TrimPrefix(e.err.Error(), "vgo: ")
+}
+
+func (e *stepError) Unwrap() error { return e.err }
 
 // tlsConfig returns the TLS configuration for a dial to addr, or nil for
 // plain TCP. ServerName defaults to the host of addr.

@@ -134,10 +134,11 @@ func (s *Server) accept(nc net.Conn) {
 		remote: nc.RemoteAddr(),
 	}
 	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String()})
+	raw := nc
 	if s.opts.tlsConfig != nil {
 		nc = tls.Server(nc, s.opts.tlsConfig)
 	}
-	c.l = newLink(nc, &s.opts.commonOptions, ErrClosed)
+	c.l = newLink(nc, raw, &s.opts.commonOptions, ErrClosed)
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
@@ -178,10 +179,6 @@ func (s *Server) serveConn(c *Conn) {
 		c.end(err)
 		return
 	}
-	s.mu.Lock()
-	c.opened = true
-	s.open++
-	s.mu.Unlock()
 	c.log.Info("client connected")
 	if fn := s.opts.onConnOpen; fn != nil {
 		fn(c)
@@ -197,6 +194,9 @@ func (s *Server) serveConn(c *Conn) {
 	case errors.Is(cause, ErrHeartbeatTimeout):
 		s.stats.stale.Add(1)
 		log.Info("client disconnected: stale, no heartbeat")
+	case errors.Is(cause, ErrSlowConsumer):
+		s.stats.slow.Add(1)
+		log.Warn("client disconnected: slow consumer")
 	default:
 		log.Info("client disconnected")
 	}
@@ -226,9 +226,9 @@ func (s *Server) handshake(c *Conn) error {
 		return handshakeError("read hello", err)
 	}
 	if t != frameHello {
-		return fmt.Errorf("%w: expected hello, got %s frame", ErrProtocol, t)
+		return protocolErrorf("expected hello, got %s frame", t)
 	}
-	h, err := parseHello(p)
+	h, err := parseHello(p, false)
 	if err != nil {
 		return err
 	}
@@ -236,7 +236,7 @@ func (s *Server) handshake(c *Conn) error {
 		return &refusal{
 			code:   CloseBadVersion,
 			reason: fmt.Sprintf("server speaks version %d", ProtocolVersion),
-			err:    fmt.Errorf("%w: client speaks version %d, server %d", ErrProtocol, h.version, ProtocolVersion),
+			err:    protocolErrorf("client speaks version %d, server %d", h.version, ProtocolVersion),
 		}
 	}
 	if fn := s.opts.authenticate; fn != nil {
@@ -244,13 +244,28 @@ func (s *Server) handshake(c *Conn) error {
 			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
 	}
-	// Through the link's writer, like every other frame: Shutdown may be
-	// queueing a close frame on this connection at the same moment.
-	mine := hello{version: ProtocolVersion, minPing: s.opts.minPing, maxPing: s.opts.maxPing}
-	if err := c.l.writeControl(frameHello, mine.marshal()); err != nil {
-		return handshakeError("send hello", err)
+	c.l.established(s.opts.heartbeatTimeout, s.opts.maxFrameSize, h)
+	mine := hello{
+		version:          ProtocolVersion,
+		maxMessage:       s.opts.maxFrameSize,
+		minPing:          s.opts.minPing,
+		maxPing:          s.opts.maxPing,
+		heartbeatTimeout: s.opts.heartbeatTimeout,
 	}
-	c.l.established(s.opts.heartbeatTimeout)
+	// The hello is queued and the connection marked open in one step
+	// under s.mu, where Shutdown decides who gets a goodbye: a client
+	// that has the hello is sent one, and after Shutdown began no client
+	// is sent a hello.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return &refusal{code: CloseGoingAway, reason: "server shutting down", err: ErrServerClosed}
+	}
+	if !c.l.queueFrame(frameHello, mine.marshal()) {
+		return c.l.cause()
+	}
+	c.opened = true
+	s.open++
 	return nil
 }
 
@@ -279,14 +294,14 @@ func (s *Server) readLoop(c *Conn) error {
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
 			}
-			if c.l.answerPing(p) != nil {
+			if c.l.beat(framePong, p) != nil {
 				return nil
 			}
 		case framePong:
 		case frameClose:
 			return parseClose(p)
 		default:
-			return fmt.Errorf("%w: unexpected %s frame", ErrProtocol, t)
+			return protocolErrorf("unexpected %s frame", t)
 		}
 	}
 }
@@ -387,16 +402,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		goodbye = binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow))
 	}
 	for _, c := range conns {
+		// Only a connection that has the server's hello may be sent a
+		// goodbye; the handshake decides that under s.mu too.
 		s.mu.Lock()
-		opened := c.opened
-		s.mu.Unlock()
-		// Before its hello a connection may only be sent a close frame.
-		if goodbye != nil && opened {
+		if goodbye != nil && c.opened {
 			// Ahead of the close frame, so the client has it when it
-			// plans its reconnect. Without room in time, it goes unsaid.
-			_ = c.l.write(closeCtx, frameGoodbye, goodbye)
+			// plans its reconnect.
+			c.l.queueFrame(frameGoodbye, goodbye)
 		}
-		c.l.sendClose(closeCtx, CloseGoingAway, "server shutting down", ErrServerClosed)
+		s.mu.Unlock()
+		c.l.queueClose(CloseGoingAway, "server shutting down", ErrServerClosed)
 	}
 	for _, c := range conns {
 		c.l.flushed(closeCtx)
@@ -421,6 +436,7 @@ func (s *Server) Stats() ServerStats {
 		Refused:        s.stats.refused.Load(),
 		StaleClosed:    s.stats.stale.Load(),
 		ProtocolErrors: s.stats.protocol.Load(),
+		SlowConsumers:  s.stats.slow.Load(),
 		AuthFailures:   s.stats.auth.Load(),
 		Live:           s.Len(),
 	}
@@ -453,13 +469,15 @@ func (s *Server) Range(fn func(c *Conn) bool) {
 	}
 }
 
-// Broadcast sends payload to every open connection and returns how many
-// accepted it, with the meaning Send gives to accepting. A connection whose
-// write fails is torn down as by Send.
+// Broadcast queues payload on every open connection and returns how many
+// it reached, with the meaning Send gives to queueing. It waits on no
+// connection: one whose send queue is full is skipped (as by TrySend), and
+// one whose queue stays full for the write timeout is dropped as a slow
+// consumer. ctx stops a broadcast over many connections part way.
 func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
 	n := 0
 	s.Range(func(c *Conn) bool {
-		if c.Send(ctx, payload) == nil {
+		if c.TrySend(payload) == nil {
 			n++
 		}
 		return ctx.Err() == nil
@@ -484,26 +502,40 @@ func (c *Conn) ID() uint64 { return c.id }
 // RemoteAddr returns the client's address.
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
-// Send writes payload to the client as one data frame, with the same
-// guarantees as Client.Send. After the connection closed it returns
-// ErrClosed.
+// Send sends payload to the client as one message, with the same
+// guarantees as Client.Send: it returns once the message is queued,
+// waiting for room in the send queue as long as ctx allows. After the
+// connection closed it returns ErrClosed.
 func (c *Conn) Send(ctx context.Context, payload []byte) error {
-	if err := checkPayload(payload, c.srv.opts.maxFrameSize); err != nil {
+	if err := c.l.checkSize(payload); err != nil {
 		return err
 	}
-	return c.l.write(ctx, frameData, payload)
+	return c.l.send(ctx, payload)
+}
+
+// TrySend is Send without waiting: when the send queue is full it fails at
+// once with ErrQueueFull. A connection whose queue stays full for the
+// write timeout is dropped as a slow consumer.
+func (c *Conn) TrySend(payload []byte) error {
+	if err := c.l.checkSize(payload); err != nil {
+		return err
+	}
+	return c.l.offer(payload)
 }
 
 // end tears the connection down after err, the reason its read loop or
 // handshake stopped (nil when the link is already down), and tells the
 // client why with a close frame when the protocol has a code for it.
 func (c *Conn) end(err error) {
-	var r *refusal
+	var (
+		r  *refusal
+		pe *protocolError
+	)
 	switch {
 	case errors.As(err, &r):
 		c.l.closeWith(r.code, r.reason, r.err)
-	case errors.Is(err, ErrProtocol):
-		c.l.closeWith(CloseProtocolError, err.Error(), err)
+	case errors.As(err, &pe):
+		c.l.closeWith(CloseProtocolError, pe.detail, err)
 	case err != nil:
 		c.l.shutdown(err)
 	}

@@ -44,7 +44,7 @@ func dialHello(t *testing.T, addr string) *rawConn {
 	r.write(rawHello(ProtocolVersion))
 	ft, p := r.next()
 	require.Equal(t, frameHello, ft, "server's first frame")
-	h, err := parseHello(p)
+	h, err := parseHello(p, true)
 	require.NoError(t, err)
 	require.EqualValues(t, ProtocolVersion, h.version)
 	return r

@@ -32,6 +32,7 @@ type ServerStats struct {
 	Refused        uint64 // connections refused at the connection limit
 	StaleClosed    uint64 // connections closed for want of a heartbeat
 	ProtocolErrors uint64 // connections closed for breaking the protocol
+	SlowConsumers  uint64 // connections closed for not taking what was sent
 	AuthFailures   uint64 // connections whose credentials were rejected
 	Live           int    // open connections, as Len reports
 }
@@ -93,5 +94,5 @@ func (s *clientStats) snapshot() ClientStats {
 
 // serverStats holds a server's counters.
 type serverStats struct {
-	accepted, refused, stale, protocol, auth atomic.Uint64
+	accepted, refused, stale, protocol, auth, slow atomic.Uint64
 }
