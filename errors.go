@@ -3,6 +3,7 @@ package vgo
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Sentinel errors. Match them with errors.Is: the errors vgo returns and
@@ -122,4 +123,24 @@ func (e *CloseError) Error() string {
 		return "vgo: closed by peer: " + e.Code.String()
 	}
 	return "vgo: closed by peer: " + e.Code.String() + ": " + e.Reason
+}
+
+// chainError puts what happened in front of its cause, with the package
+// prefix once however many the cause has: "vgo: read hello: connection
+// closed by peer: EOF". It matches the cause and, if set, the sentinel is.
+type chainError struct {
+	what string
+	is   error
+	err  error
+}
+
+func (e *chainError) Error() string {
+	return "vgo: " + e.what + ": " + strings.TrimPrefix(e.err.Error(), "vgo: ")
+}
+
+func (e *chainError) Unwrap() []error {
+	if e.is == nil {
+		return []error{e.err}
+	}
+	return []error{e.is, e.err}
 }

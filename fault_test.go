@@ -363,6 +363,10 @@ func TestFaultResetMidStream(t *testing.T) {
 	for r.client.Send(context.Background(), payload) == nil {
 	}
 	recv(t, r.disconnects)
+	// The server's side of the cut: once it has closed, its reader has
+	// handed every frame that arrived to the handler. The client can learn
+	// of the reset before the server has read what came before it.
+	recv(t, r.serverLost)
 	mu.Lock()
 	defer mu.Unlock()
 	require.NotEmpty(t, seen)

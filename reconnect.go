@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"net"
-	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -132,13 +131,13 @@ func (c *Client) run() {
 		}
 		var ce *CloseError
 		if !c.opts.retryAuth && errors.As(err, &ce) && ce.Code == CloseUnauthorized {
-			err = fmt.Errorf("%w: %w", ErrUnauthorized, err)
+			err = &chainError{what: "unauthorized", is: ErrUnauthorized, err: err}
 			c.log.WithFields(logrus.Fields{"endpoint": addr, "err": err}).Error("authentication failed; giving up")
 			c.finish(err)
 			return
 		}
 		if c.opts.maxAttempts > 0 && failed >= c.opts.maxAttempts {
-			err = fmt.Errorf("%w after %d attempts: %w", ErrGaveUp, failed, err)
+			err = &chainError{what: fmt.Sprintf("gave up reconnecting after %d attempts", failed), is: ErrGaveUp, err: err}
 			c.log.WithFields(logrus.Fields{"attempt": failed, "err": err}).Error("giving up")
 			c.finish(err)
 			return
@@ -330,21 +329,8 @@ func handshakeError(step string, err error) error {
 	default:
 		err = readError(err)
 	}
-	return &stepError{step: step, err: err}
+	return &chainError{what: step, err: err}
 }
-
-// stepError names the step of a connection's opening that failed. Its
-// message has the package prefix once, however many the cause has.
-type stepError struct {
-	step string
-	err  error
-}
-
-func (e *stepError) Error() string {
-	return "vgo: " + e.step + ": " + strings.TrimPrefix(e.err.Error(), "vgo: ")
-}
-
-func (e *stepError) Unwrap() error { return e.err }
 
 // tlsConfig returns the TLS configuration for a dial to addr, or nil for
 // plain TCP. ServerName defaults to the host of addr.
