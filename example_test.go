@@ -115,7 +115,7 @@ func ExampleWithAuthenticator() {
 	fmt.Println(client.Err())
 	// Output:
 	// true
-	// vgo: unauthorized: vgo: closed by peer: unauthorized: unknown token
+	// vgo: unauthorized: closed by peer: unauthorized: unknown token
 }
 
 // Messages sent while no server is reachable wait in the send buffer and
