@@ -223,89 +223,6 @@ func TestClientJitterSpreadsDelays(t *testing.T) {
 	assert.Greater(t, len(seen), 50)
 }
 
-// gaps returns the time between successive accepts, reading n of them.
-func gaps(t *testing.T, rs *rawServer, n int) []time.Duration {
-	t.Helper()
-	prev := recv(t, rs.accepts)
-	var out []time.Duration
-	for range n {
-		next := recv(t, rs.accepts)
-		out = append(out, next.Sub(prev))
-		prev = next
-	}
-	return out
-}
-
-func TestClientBackoffAgainstAcceptThenDrop(t *testing.T) {
-	// A server that accepts and closes at once must see dials spaced by
-	// the growing backoff, not a storm: a TCP connect is not a success.
-	for _, tc := range []struct {
-		name   string
-		handle func(nc net.Conn)
-	}{
-		{"drop before hello", func(nc net.Conn) { nc.Close() }},
-		{"drop after hello", func(nc net.Conn) {
-			if _, err := acceptHello(nc); err == nil {
-				nc.Close()
-			}
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			rs := newRawServer(t, tc.handle)
-			var attempts []int
-			var mu sync.Mutex
-			newTestClient(t, rs.addr(),
-				WithBackoff(Backoff{BaseDelay: 20 * time.Millisecond, Multiplier: 2, Jitter: -1, MaxDelay: time.Second}),
-				WithOnReconnect(func(attempt int, _ time.Duration) {
-					mu.Lock()
-					attempts = append(attempts, attempt)
-					mu.Unlock()
-				}))
-			got := gaps(t, rs, 4)
-			for i, g := range got {
-				want := 20 * time.Millisecond << i
-				assert.GreaterOrEqual(t, g, want, "gap %d: %v", i, got)
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			assert.Equal(t, []int{2, 3, 4, 5}, attempts[:4])
-		})
-	}
-}
-
-func TestClientDetectsSilentPeer(t *testing.T) {
-	// The peer completes the hello, then reads everything and answers
-	// nothing, keeping the socket open: only the heartbeat can tell.
-	rs := newRawServer(t, func(nc net.Conn) {
-		if fr, err := acceptHello(nc); err == nil {
-			drain(fr)
-		}
-	})
-	const interval, timeout = 20 * time.Millisecond, 100 * time.Millisecond
-	connected := make(chan time.Time, 10)
-	disconnects := make(chan error, 10)
-	var disconnectedAt atomic.Int64
-	newTestClient(t, rs.addr(),
-		WithPingInterval(interval), WithPongTimeout(timeout),
-		WithOnConnect(func(net.Addr) { connected <- time.Now() }),
-		WithOnDisconnect(func(err error) {
-			disconnectedAt.Store(time.Now().UnixNano())
-			disconnects <- err
-		}))
-	start := recv(t, connected)
-	err := recv(t, disconnects)
-	require.ErrorIs(t, err, ErrHeartbeatTimeout)
-	var ne net.Error
-	require.ErrorAs(t, err, &ne)
-	assert.True(t, ne.Timeout())
-	took := time.Unix(0, disconnectedAt.Load()).Sub(start)
-	assert.GreaterOrEqual(t, took, timeout, "declared dead before the pong timeout")
-	t.Logf("silent peer detected after %v (bound interval+timeout = %v)", took, interval+timeout)
-
-	// And the client dials again.
-	recv(t, connected)
-}
-
 func TestClientAnswersServerPing(t *testing.T) {
 	pong := make(chan []byte, 1)
 	rs := newRawServer(t, func(nc net.Conn) {
@@ -405,19 +322,6 @@ func TestClientLargeSendNotStarvedBySmallOnes(t *testing.T) {
 	assert.Equal(t, 4*fragmentSize, recv(t, bigs))
 }
 
-func TestClientHandshakeTimeout(t *testing.T) {
-	// A server that accepts and never answers the hello.
-	rs := newRawServer(t, func(nc net.Conn) { drain(newFrameReader(nc, DefaultMaxFrameSize)) })
-	gaveUp := make(chan error, 1)
-	newTestClient(t, rs.addr(),
-		WithHandshakeTimeout(50*time.Millisecond),
-		WithMaxAttempts(1),
-		WithOnClose(func(err error) { gaveUp <- err }))
-	err := recv(t, gaveUp)
-	assert.ErrorIs(t, err, ErrGaveUp)
-	assert.ErrorIs(t, err, ErrHandshakeTimeout)
-}
-
 func TestClientGivesUpAfterMaxAttempts(t *testing.T) {
 	l := listen(t)
 	addr := l.Addr().String()
@@ -451,19 +355,6 @@ func TestClientCloseInterruptsDial(t *testing.T) {
 	recv(t, dialing)
 	closeWithin(t, c, time.Second)
 	assert.ErrorIs(t, recv(t, dialErr), context.Canceled)
-}
-
-func TestClientCloseInterruptsBackoff(t *testing.T) {
-	l := listen(t)
-	addr := l.Addr().String()
-	l.Close()
-	waiting := make(chan time.Duration, 1)
-	c := newTestClient(t, addr,
-		WithBackoff(Backoff{BaseDelay: time.Hour}),
-		WithOnReconnect(func(_ int, d time.Duration) { waiting <- d }))
-	assert.Greater(t, recv(t, waiting), 10*time.Minute)
-	assert.Equal(t, StateConnecting, c.State())
-	closeWithin(t, c, time.Second)
 }
 
 func TestClientCloseInterruptsHandshake(t *testing.T) {

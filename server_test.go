@@ -402,19 +402,6 @@ func TestServerRejectsWrongVersion(t *testing.T) {
 	require.Equal(t, 0, srv.Len())
 }
 
-func TestServerHandshakeTimeout(t *testing.T) {
-	const timeout = 150 * time.Millisecond
-	srv, addr := startServer(t, WithHandshakeTimeout(timeout))
-
-	// Slowloris: the first bytes of a hello, then nothing.
-	start := time.Now()
-	r := dialRaw(t, addr)
-	r.write(rawHello(ProtocolVersion)[:3])
-	r.expectEOF()
-	assert.GreaterOrEqual(t, time.Since(start), timeout, "closed before the handshake timeout")
-	require.Equal(t, 0, srv.Len())
-}
-
 // ---------------------------------------------------------------------------
 // Connection limit.
 
