@@ -27,16 +27,20 @@
 //
 // The client dials at once on Start, and after a failure waits according to
 // its Backoff before the next attempt. The backoff restarts only after a
-// connection has proven healthy by completing its hello and answering a
-// first ping, so a server that accepts and drops at once does not cause a
+// connection has proven healthy by completing its hello and receiving any
+// frame after it, so a server that accepts and drops at once does not cause a
 // dial storm. By default the client never gives up; WithMaxAttempts makes it
 // stop with ErrGaveUp.
 //
 // # Concurrency
 //
 // Client, Server and Conn methods are safe for concurrent use. Each
-// connection has exactly one reader goroutine; writes are serialized and
-// each is bounded by the write timeout. Callbacks run on the library's
+// connection has exactly one reader goroutine and one write path: Send,
+// the pinger, the reader's pongs and every teardown queue frames, and a
+// single writer goroutine, running only while there is something to write,
+// writes them in order, each write bounded by the write timeout. Pings and
+// pongs go ahead of queued data and between the fragments of a long
+// message, so nothing that keeps time ever waits on the socket. Callbacks run on the library's
 // goroutines but never under its locks, and those of one client arrive in
 // order: connect, then messages and pongs, then disconnect, then reconnect
 // attempts. A message callback runs on the reader, so a slow callback slows

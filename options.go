@@ -118,18 +118,21 @@ func WithTLSConfig(cfg *tls.Config) Option {
 	return commonOption(func(o *commonOptions) { o.tlsConfig = cfg })
 }
 
-// WithMaxFrameSize sets the largest data payload, in bytes, that may be sent
-// or received. A peer that announces a larger frame is disconnected before
-// anything is allocated for it. The default is DefaultMaxFrameSize (1 MiB);
-// the value must not exceed 4 GiB - 1.
+// WithMaxFrameSize sets the longest message, in bytes, that may be sent or
+// received. Each side announces its own in the hello, and Send refuses a
+// message longer than either side accepts with ErrFrameTooLarge. A peer
+// that announces a longer message is disconnected before anything is
+// allocated for it. The default is DefaultMaxFrameSize (1 MiB); the value
+// must not exceed 4 GiB - 1.
 func WithMaxFrameSize(n int) Option {
 	return commonOption(func(o *commonOptions) { o.maxFrameSize = n })
 }
 
-// WithWriteTimeout bounds each write to the socket. A write that does not
-// finish in time tears the connection down, because a half-written frame
-// cannot be taken back. The default is DefaultWriteTimeout (10s); negative
-// means no limit.
+// WithWriteTimeout sets how long a peer may leave a write to its socket
+// unfinished, or its send queue full, before the connection is torn down
+// as a slow consumer (ErrSlowConsumer); a half-written frame cannot be
+// taken back. Each write carries at most 64 KiB of messages. The default is
+// DefaultWriteTimeout (10s); negative means no limit.
 func WithWriteTimeout(d time.Duration) Option {
 	return commonOption(func(o *commonOptions) { o.writeTimeout = d })
 }
@@ -171,7 +174,7 @@ func WithBackoff(b Backoff) ClientOption {
 // WithMaxAttempts makes a client give up after n dial attempts in a row
 // have failed; it then closes itself with an error wrapping ErrGaveUp. An
 // attempt fails unless its connection completes the hello and receives a
-// first pong. The default, 0, retries forever.
+// frame after it. The default, 0, retries forever.
 func WithMaxAttempts(n int) ClientOption {
 	return clientOption(func(o *clientOptions) { o.maxAttempts = n })
 }
@@ -273,12 +276,11 @@ func WithOnClose(fn func(err error)) ClientOption {
 }
 
 // WithHeartbeatTimeout sets how long a server lets a connection stay silent
-// before it closes it as stale. Any complete frame counts, so it must exceed
-// the clients' ping interval; allow for two or three missed pings. A frame
-// still arriving does not count until it is complete, so a peer must send
-// its largest frames faster than max frame size / heartbeat timeout (70
-// KB/s with the defaults). The default
-// is DefaultHeartbeatTimeout (15s); negative turns stale detection off.
+// before it closes it as stale. Any complete frame counts, each fragment of
+// a long message included, so it must exceed the clients' ping interval;
+// allow for two or three missed pings. The server announces it in its
+// hello. The default is DefaultHeartbeatTimeout (15s); negative turns stale
+// detection off.
 func WithHeartbeatTimeout(d time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.heartbeatTimeout = d })
 }

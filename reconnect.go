@@ -26,7 +26,7 @@ import (
 // A lone client that must be back sooner sets a smaller BaseDelay.
 //
 // The counter restarts only once a connection has proven healthy, by
-// completing its hello and receiving a first pong. A server that accepts
+// completing its hello and receiving any frame after it. A server that accepts
 // and drops at once therefore sees dials spaced by growing delays.
 //
 // A zero field takes its default.
