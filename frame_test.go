@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 	"time"
@@ -143,6 +144,9 @@ func FuzzFrameReader(f *testing.F) {
 	f.Add(appendFrame(nil, frameClose, marshalClose(CloseGoingAway, "bye")))
 	f.Add(header(frameData, 0xFFFFFFFF))
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
+	f.Add(append(appendFrame(appendFrame(nil, frameFirst, []byte{0, 0, 0, 6, 'a', 'b'}), framePing, nil),
+		appendFrame(nil, frameFragment, []byte("cdef"))...))
+	f.Add(appendFrame(nil, frameFirst, []byte{0xff, 0xff, 0xff, 0xff}))
 	const max = 1024
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r := newFrameReader(bytes.NewReader(in), max)
@@ -218,4 +222,27 @@ func TestFrameReaderRejectsDataBeforeHello(t *testing.T) {
 	require.ErrorIs(t, err, ErrProtocol)
 	assert.NotErrorIs(t, err, ErrFrameTooLarge)
 	assert.Equal(t, "vgo: protocol error: expected hello, got data frame", err.Error())
+}
+
+func TestFragmentEncoding(t *testing.T) {
+	// The 40,000-byte example of PROTOCOL.md, "Fragments".
+	l := &link{fragments: true, stream: getBuffer()}
+	l.writing = true // keep the writer from starting
+	l.appendMessageLocked(bytes.Repeat([]byte("m"), 40_000))
+	b := l.stream.b
+	var headers []string
+	for len(b) > 0 {
+		n := headerSize + int(binary.BigEndian.Uint32(b[1:]))
+		headers = append(headers, fmt.Sprintf("% x", b[:headerSize]))
+		b = b[n:]
+	}
+	assert.Equal(t, []string{"07 00 00 40 04", "08 00 00 40 00", "08 00 00 1c 40"}, headers)
+	assert.Equal(t, []byte{0, 0, 0x9c, 0x40}, l.stream.b[headerSize:headerSize+4])
+
+	r := newFrameReader(bytes.NewReader(l.stream.b), 40_000)
+	typ, p, err := r.next()
+	require.NoError(t, err)
+	assert.Equal(t, frameData, typ)
+	assert.Equal(t, bytes.Repeat([]byte("m"), 40_000), p)
+	assert.EqualValues(t, 3, r.frames.Load(), "every fragment counts as a frame")
 }
