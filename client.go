@@ -191,6 +191,10 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 			c.stats.msgsOut.Add(1)
 			c.stats.bytesOut.Add(uint64(len(payload)))
 			return nil
+		case err != ErrQueueFull && c.ctx.Err() != nil:
+			// Close took the connection down under this Send.
+			c.mu.Unlock()
+			return ErrClosed
 		case err != ErrQueueFull && c.sendBuf.enabled():
 			// The connection is down but not yet replaced: the next
 			// one takes the buffer.
