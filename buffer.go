@@ -3,6 +3,8 @@ package vgo
 import (
 	"context"
 	"fmt"
+
+	"github.com/sirupsen/logrus"
 )
 
 // BufferPolicy says what Client.Send does, while disconnected, with a
@@ -110,11 +112,20 @@ func (c *Client) buffer(ctx context.Context, payload []byte, wait bool) error {
 func (c *Client) publish(l *link) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if msgs := c.sendBuf.take(); len(msgs) > 0 && !l.queueAll(msgs) {
-		// l is already down: keep the messages for the next one.
-		c.sendBuf.msgs = msgs
-		for _, m := range msgs {
-			c.sendBuf.bytes += len(m)
+	if msgs := c.sendBuf.take(); len(msgs) > 0 {
+		tooLong, limit, ok := l.queueAll(msgs)
+		if !ok {
+			// l is already down: keep the messages for the next one.
+			c.sendBuf.msgs = msgs
+			for _, m := range msgs {
+				c.sendBuf.bytes += len(m)
+			}
+		}
+		for _, m := range tooLong {
+			// Send took it before this server said what it accepts.
+			c.stats.rejected.Add(1)
+			c.log.WithFields(logrus.Fields{"size": len(m), "max": limit}).
+				Warn("buffered message longer than the server accepts; dropped")
 		}
 	}
 	c.link = l

@@ -207,3 +207,25 @@ func TestSendDuringCloseReportsClosed(t *testing.T) {
 	require.NoError(t, c.Close())
 	assert.ErrorIs(t, recv(t, last), ErrClosed)
 }
+
+func TestSendBufferDropsWhatTheServerRefuses(t *testing.T) {
+	// A message buffered before the server said it accepts at most 100
+	// bytes is dropped and counted, and the rest of the backlog goes on.
+	addr := freeAddr(t)
+	c := newTestClient(t, addr, WithSendBuffer(10, 1<<10, BufferFailNew))
+	ctx := testContext(t)
+	for _, m := range []string{"a", string(make([]byte, 200)), "b"} {
+		require.NoError(t, c.Send(ctx, []byte(m)))
+	}
+	got := make(chan string, 10)
+	l, err := net.Listen("tcp", addr)
+	require.NoError(t, err)
+	startServerOn(t, l, WithMaxFrameSize(100), WithHandler(func(_ *Conn, msg []byte) { got <- string(msg) }))
+	require.NoError(t, c.WaitConnected(ctx))
+	require.NoError(t, c.Send(ctx, []byte("new")))
+	for _, want := range []string{"a", "b", "new"} {
+		assert.Equal(t, want, recv(t, got))
+	}
+	assert.EqualValues(t, 1, c.Stats().Rejected)
+	assert.Zero(t, c.Stats().Reconnects, "the refused message cost the connection")
+}

@@ -180,10 +180,6 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 			c.mu.Unlock()
 			return ErrNotConnected
 		}
-		if err := l.checkSize(payload); err != nil {
-			c.mu.Unlock()
-			return err
-		}
 		err := l.offer(payload)
 		switch {
 		case err == nil:
@@ -191,21 +187,25 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 			c.stats.msgsOut.Add(1)
 			c.stats.bytesOut.Add(uint64(len(payload)))
 			return nil
-		case err != ErrQueueFull && c.ctx.Err() != nil:
+		case err == ErrQueueFull:
+			c.mu.Unlock()
+			if !wait {
+				return err
+			}
+		case errors.Is(err, ErrFrameTooLarge):
+			c.mu.Unlock()
+			return err
+		case c.ctx.Err() != nil:
 			// Close took the connection down under this Send.
 			c.mu.Unlock()
 			return ErrClosed
-		case err != ErrQueueFull && c.sendBuf.enabled():
+		case c.sendBuf.enabled():
 			// The connection is down but not yet replaced: the next
 			// one takes the buffer.
 			return c.buffer(ctx, payload, wait)
-		case err != ErrQueueFull:
+		default:
 			c.mu.Unlock()
 			return ErrNotConnected
-		}
-		c.mu.Unlock()
-		if !wait {
-			return ErrQueueFull
 		}
 		if err := l.waitRoom(ctx); err != nil {
 			return err

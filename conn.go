@@ -61,19 +61,19 @@ type link struct {
 	// closedErr is what sends return once the link is down.
 	closedErr error
 
-	// maxSend is the longest message that may be sent: our own limit, or
-	// the peer's if it announced a smaller one. fragments says whether the
-	// peer reassembles fragmented messages. Both are set before the link
-	// is shared.
-	maxSend   int
-	fragments bool
-
 	// writeFn is l.writeLoop, bound once so that starting the writer does
 	// not allocate.
 	writeFn func()
 	writers sync.WaitGroup
 
-	mu         sync.Mutex
+	mu sync.Mutex
+	// ready says the hello exchange is done: messages may be queued.
+	ready bool
+	// maxSend is the longest message that may be sent: our own limit, or
+	// the peer's if it announced a smaller one. fragments says whether the
+	// peer reassembles fragmented messages.
+	maxSend    int
+	fragments  bool
 	stream     *buffer // stream frames waiting, in order; nil while idle
 	inflight   int     // stream bytes the writer has taken but not yet written
 	beats      []byte  // pings and pongs waiting
@@ -122,18 +122,31 @@ func (l *link) startHandshake(deadline time.Time) {
 	l.rd.fixed = deadline
 }
 
-// established ends the handshake: data frames up to maxData bytes are
-// accepted from now on, and each read may wait for idle (0 for ever). peer
-// is the other side's hello.
-func (l *link) established(idle time.Duration, maxData int, peer hello) {
+// established ends the handshake, on the reader's goroutine: data frames
+// up to maxData bytes are accepted from now on, and each read may wait for
+// idle (0 for ever). peer is the other side's hello. reply, the server's
+// hello, is queued ahead of every message, which may be sent from now on.
+// It reports false if the link is already down.
+func (l *link) established(idle time.Duration, maxData int, peer hello, reply []byte) bool {
 	l.rd.fixed = time.Time{}
 	l.rd.idle = idle
 	l.fr.maxData = maxData
 	l.fr.handshake = false
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
 	if peer.maxMessage > 0 {
 		l.fragments = true
 		l.maxSend = min(l.maxSend, peer.maxMessage)
 	}
+	if reply != nil {
+		l.streamLocked().b = appendFrame(l.stream.b, frameHello, reply)
+		l.startLocked()
+	}
+	l.ready = true
+	return true
 }
 
 // shutdown tears the link down with cause err. Only the first call has an
@@ -172,22 +185,25 @@ func (l *link) cause() error {
 	}
 }
 
-// checkSize refuses a message longer than either side accepts, before
-// anything is queued.
-func (l *link) checkSize(p []byte) error {
-	return checkPayload(p, l.maxSend)
-}
-
-// offer queues message p if the stream queue has room, and returns
-// ErrQueueFull if not, or closedErr if the link is down. A queue that has
-// stayed full for the write timeout means the peer is not keeping up: the
-// link is torn down as a slow consumer.
+// offer queues message p if the stream queue has room. It returns
+// ErrQueueFull if not; closedErr if the link is down or closing;
+// ErrNotConnected before the hello exchange is done; and an error wrapping
+// ErrFrameTooLarge for a message longer than either side accepts. A queue
+// that has stayed full, with no write completing, for the write timeout
+// means the peer is not keeping up: the link is torn down as a slow
+// consumer.
 func (l *link) offer(p []byte) error {
 	l.mu.Lock()
 	switch {
-	case l.closed:
+	case l.closed || l.closing != nil:
 		l.mu.Unlock()
 		return l.closedErr
+	case !l.ready:
+		l.mu.Unlock()
+		return ErrNotConnected
+	case len(p) > l.maxSend:
+		l.mu.Unlock()
+		return checkPayload(p, l.maxSend)
 	case l.queuedLocked() >= sendQueueLimit:
 		now := time.Now()
 		if l.fullSince.IsZero() {
@@ -233,18 +249,23 @@ func (l *link) waitRoom(ctx context.Context) error {
 	return nil
 }
 
-// queueAll queues msgs whatever room there is; it reports false if the
-// link is down.
-func (l *link) queueAll(msgs [][]byte) bool {
+// queueAll queues msgs whatever room there is, except those longer than
+// max, the most the peer accepts, which it returns. It reports false, and
+// queues nothing, if the link is down.
+func (l *link) queueAll(msgs [][]byte) (tooLong [][]byte, max int, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed {
-		return false
+	if l.closed || l.closing != nil {
+		return nil, 0, false
 	}
 	for _, m := range msgs {
+		if len(m) > l.maxSend {
+			tooLong = append(tooLong, m)
+			continue
+		}
 		l.appendMessageLocked(m)
 	}
-	return true
+	return tooLong, l.maxSend, true
 }
 
 // queueFrame queues one frame on the stream, whatever room there is: the
@@ -364,19 +385,21 @@ func (l *link) writeLoop() {
 		l.beatsSpare = beats[:0]
 		off += len(piece)
 		l.inflight -= len(piece)
-		if l.queuedLocked() < sendQueueLimit {
-			l.fullSince = time.Time{}
-		}
 		l.signalLocked()
 		if err != nil {
+			// The write may have cut a frame short: no writer may
+			// follow it onto the stream.
+			l.closed = true
 			break
 		}
+		// A completed write is progress: the queue is not stuck.
+		l.fullSince = time.Time{}
 	}
 	// Idle or down: the buffers go back to the pool.
 	l.writing = false
 	l.inflight = 0
 	putBuffer(batch)
-	if l.stream != nil && (err != nil || l.closed || len(l.stream.b) == 0) {
+	if l.stream != nil && (l.closed || len(l.stream.b) == 0) {
 		putBuffer(l.stream)
 		l.stream = nil
 	}
@@ -389,10 +412,14 @@ func (l *link) writeLoop() {
 
 // writeOut writes beats, then piece, in one system call where it can.
 func (l *link) writeOut(beats, piece []byte) error {
+	// Also without a write timeout: the zero time clears the deadline
+	// the handshake set.
+	var deadline time.Time
 	if l.writeTimeout > 0 {
-		if err := l.nc.SetWriteDeadline(time.Now().Add(l.writeTimeout)); err != nil {
-			return err
-		}
+		deadline = time.Now().Add(l.writeTimeout)
+	}
+	if err := l.nc.SetWriteDeadline(deadline); err != nil {
+		return err
 	}
 	var err error
 	switch {

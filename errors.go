@@ -17,7 +17,8 @@ var (
 	ErrClosed = errors.New("vgo: closed")
 
 	// ErrNotConnected is returned by Client.Send while the client has no
-	// live connection.
+	// live connection, and by Conn.Send before the connection is open (from
+	// the authenticator).
 	ErrNotConnected = errors.New("vgo: not connected")
 
 	// ErrGaveUp is reported when a client configured with WithMaxAttempts

@@ -151,8 +151,6 @@ func (r *frameReader) next() (frameType, []byte, error) {
 			return 0, nil, err
 		}
 		switch {
-		case t == frameData && r.want >= 0:
-			return 0, nil, protocolErrorf("data frame inside a fragmented message")
 		case t != frameFirst && t != frameFragment:
 			return t, p, nil
 		case len(r.held.b) < r.want:
@@ -206,6 +204,8 @@ func (r *frameReader) check(t frameType, n int) error {
 		return protocolErrorf("unknown frame type %s", t)
 	case r.handshake && t != frameHello && t != frameClose:
 		return protocolErrorf("expected hello, got %s frame", t)
+	case t == frameData && r.want >= 0:
+		return protocolErrorf("data frame inside a fragmented message")
 	case t == frameFragment && r.want < 0:
 		return protocolErrorf("fragment without a first fragment")
 	case t == frameFragment && len(r.held.b)+n > r.want:

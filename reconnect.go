@@ -289,7 +289,9 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 	if h.version != ProtocolVersion {
 		return 0, protocolErrorf("server speaks version %d, want %d", h.version, ProtocolVersion)
 	}
-	l.established(0, c.opts.maxFrameSize, h)
+	if !l.established(0, c.opts.maxFrameSize, h, nil) {
+		return 0, l.cause()
+	}
 	return c.negotiate(h), nil
 }
 

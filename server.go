@@ -244,7 +244,6 @@ func (s *Server) handshake(c *Conn) error {
 			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
 	}
-	c.l.established(s.opts.heartbeatTimeout, s.opts.maxFrameSize, h)
 	mine := hello{
 		version:          ProtocolVersion,
 		maxMessage:       s.opts.maxFrameSize,
@@ -261,7 +260,7 @@ func (s *Server) handshake(c *Conn) error {
 	if s.closing {
 		return &refusal{code: CloseGoingAway, reason: "server shutting down", err: ErrServerClosed}
 	}
-	if !c.l.queueFrame(frameHello, mine.marshal()) {
+	if !c.l.established(s.opts.heartbeatTimeout, s.opts.maxFrameSize, h, mine.marshal()) {
 		return c.l.cause()
 	}
 	c.opened = true
@@ -504,12 +503,10 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
 // Send sends payload to the client as one message, with the same
 // guarantees as Client.Send: it returns once the message is queued,
-// waiting for room in the send queue as long as ctx allows. After the
-// connection closed it returns ErrClosed.
+// waiting for room in the send queue as long as ctx allows. Once the
+// connection is closing it returns ErrClosed, and before it is open
+// ErrNotConnected.
 func (c *Conn) Send(ctx context.Context, payload []byte) error {
-	if err := c.l.checkSize(payload); err != nil {
-		return err
-	}
 	return c.l.send(ctx, payload)
 }
 
@@ -517,9 +514,6 @@ func (c *Conn) Send(ctx context.Context, payload []byte) error {
 // once with ErrQueueFull. A connection whose queue stays full for the
 // write timeout is dropped as a slow consumer.
 func (c *Conn) TrySend(payload []byte) error {
-	if err := c.l.checkSize(payload); err != nil {
-		return err
-	}
 	return c.l.offer(payload)
 }
 

@@ -164,7 +164,7 @@ func TestHeartbeatsGoBetweenFragments(t *testing.T) {
 	o := &commonOptions{}
 	require.NoError(t, o.resolve())
 	l := newLink(client, client, o, ErrClosed)
-	l.established(0, DefaultMaxFrameSize, hello{maxMessage: DefaultMaxFrameSize})
+	require.True(t, l.established(0, DefaultMaxFrameSize, hello{maxMessage: DefaultMaxFrameSize}, nil))
 	t.Cleanup(func() { l.shutdown(ErrClosed); l.wait() })
 
 	msg := bytes.Repeat([]byte{'m'}, DefaultMaxFrameSize)
@@ -611,4 +611,116 @@ func TestErrorChainsNameThePrefixOnce(t *testing.T) {
 	assert.Equal(t, "vgo: gave up reconnecting after 1 attempts: read hello: connection closed by peer: EOF", c.Err().Error())
 	assert.ErrorIs(t, c.Err(), ErrGaveUp)
 	assert.ErrorIs(t, c.Err(), io.EOF)
+}
+
+func TestNoWriteTimeoutOutlivesHandshakeDeadline(t *testing.T) {
+	// The hello is written under the handshake deadline; with no write
+	// timeout, later writes must not inherit it.
+	synctest.Test(t, func(t *testing.T) {
+		got := make(chan []byte, 1)
+		_, l := servePipe(t, WithHandler(func(_ *Conn, msg []byte) { got <- bytes.Clone(msg) }))
+		c, err := NewClient(pipeServerAddr, WithLogger(quietLogger()), WithDialFunc(l.dial),
+			WithWriteTimeout(-1), WithHandshakeTimeout(time.Second), WithPingInterval(-1))
+		require.NoError(t, err)
+		t.Cleanup(func() { c.Close() })
+		c.Start()
+		require.NoError(t, c.WaitConnected(context.Background()))
+		time.Sleep(2 * time.Second) // fake time, past the handshake deadline
+		require.NoError(t, c.Send(context.Background(), []byte("late")))
+		assert.Equal(t, "late", string(awaitFake(t, got)))
+		assert.Equal(t, StateConnected, c.State())
+	})
+}
+
+func TestSlowConsumerMeansNoProgress(t *testing.T) {
+	// A peer is a slow consumer when writes to it stop completing for the
+	// write timeout, not when one long message keeps its queue full for
+	// that long while every write completes in time.
+	const writeTimeout = time.Second
+	for _, tc := range []struct {
+		name    string
+		reading bool
+	}{{"reading steadily", true}, {"not reading", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				closed := make(chan stamped[error], 1)
+				stop := make(chan struct{})
+				var sender sync.WaitGroup
+				t.Cleanup(func() { close(stop); sender.Wait() })
+				_, l := servePipe(t, WithWriteTimeout(writeTimeout), WithHeartbeatTimeout(-1),
+					WithOnConnOpen(func(c *Conn) {
+						sender.Go(func() {
+							_ = c.Send(context.Background(), make([]byte, DefaultMaxFrameSize))
+							// What Broadcast does meanwhile.
+							tick := time.NewTicker(50 * time.Millisecond)
+							defer tick.Stop()
+							for {
+								select {
+								case <-stop:
+									return
+								case <-tick.C:
+									_ = c.TrySend([]byte("tick"))
+								}
+							}
+						})
+					}),
+					WithOnConnClose(func(_ *Conn, err error) { closed <- stamp(err) }))
+				nc, err := l.dial(context.Background(), "", "")
+				require.NoError(t, err)
+				t.Cleanup(func() { nc.Close() })
+				h := hello{version: ProtocolVersion, maxMessage: DefaultMaxFrameSize}
+				_, err = nc.Write(appendFrame(nil, frameHello, h.marshal()))
+				require.NoError(t, err)
+				_, _, err = readWireFrame(nc)
+				require.NoError(t, err)
+				start := time.Now()
+				if !tc.reading {
+					got := awaitFake(t, closed)
+					require.ErrorIs(t, got.v, ErrSlowConsumer)
+					assert.Equal(t, writeTimeout, got.at.Sub(start))
+					return
+				}
+				// A fragment of 16 KiB every 100 ms: 160 KB/s, a 64 KiB
+				// write in 400 ms.
+				for got := 0; got < DefaultMaxFrameSize; {
+					typ, p, err := readWireFrame(nc)
+					require.NoError(t, err)
+					switch frameType(typ) {
+					case frameFirst:
+						got += len(p) - 4
+					case frameFragment:
+						got += len(p)
+					default:
+						continue
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				assert.Empty(t, closed, "a peer that kept reading was dropped")
+			})
+		})
+	}
+}
+
+func TestConnSendOnlyWhileOpen(t *testing.T) {
+	// Before the server's hello is queued, and once the close frame is,
+	// a message would break the protocol or never be read: Send refuses.
+	sendErrs := make(chan error, 2)
+	opened := make(chan *Conn, 1)
+	_, addr := startServer(t,
+		WithAuthenticator(func(c *Conn, _ []byte) error {
+			sendErrs <- c.Send(context.Background(), []byte("too early"))
+			return nil
+		}),
+		WithOnConnOpen(func(c *Conn) { opened <- c }))
+	msgs := make(chan string, 10)
+	c := newTestClient(t, addr, WithOnMessage(func(msg []byte) { msgs <- string(msg) }))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	assert.ErrorIs(t, recv(t, sendErrs), ErrNotConnected)
+
+	conn := recv(t, opened)
+	require.NoError(t, conn.Send(testContext(t), []byte("open")))
+	assert.Equal(t, "open", recv(t, msgs))
+	require.NoError(t, conn.Close())
+	assert.ErrorIs(t, conn.Send(testContext(t), []byte("too late")), ErrClosed)
+	assert.ErrorIs(t, conn.TrySend([]byte("too late")), ErrClosed)
 }
