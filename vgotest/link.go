@@ -36,7 +36,7 @@ type Link struct {
 	mu sync.Mutex
 	faults
 	limit   [2]int64 // sent count at which the link is cut; 0 for none
-	sent    [2]int64
+	sent    [2]int64 // bytes written, or being written (see gate)
 	cut     bool
 	dropped bool
 	cause   Closer
@@ -103,7 +103,9 @@ func (l *Link) ServerAddr() net.Addr {
 	return l.server.LocalAddr()
 }
 
-// Bytes returns how many bytes the link has forwarded in direction d.
+// Bytes returns how many bytes the link has forwarded in direction d. A
+// write to the destination that is in progress counts in full, as it does
+// for ResetAfter; should it fail, only what it wrote stays counted.
 func (l *Link) Bytes(d Direction) int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -182,9 +184,11 @@ func (l *Link) SetBandwidth(d Direction, bytesPerSecond int) {
 }
 
 // ResetAfter cuts the link, as Cut does, once n more bytes have been
-// forwarded in direction d. The proxy forwards exactly n bytes and then
-// cuts, unless a write already in progress when ResetAfter was called
-// takes it past n, by less than 32 KiB. Zero or less removes the limit.
+// forwarded in direction d, counting from Bytes(d) at the time of the
+// call. The proxy forwards exactly n bytes and then cuts: a write already
+// in progress when ResetAfter is called is counted by Bytes already, and
+// every later write is cut short at the limit. Zero or less removes the
+// limit.
 func (l *Link) ResetAfter(d Direction, n int64) {
 	l.change(func() {
 		l.limit[d] = 0
@@ -340,7 +344,7 @@ func (l *Link) deliver(d Direction) {
 			}
 			w, err := dst.Write(rest[:n])
 			rest = rest[w:]
-			if l.sentBytes(d, w) {
+			if l.wrote(d, n, w) {
 				l.kill(ClosedByProxy)
 				return
 			}
@@ -358,44 +362,49 @@ func (l *Link) deliver(d Direction) {
 // gate blocks until the next piece of a chunk read at time at may be
 // written in direction d, and returns its size: at most rest bytes, fewer
 // under a bandwidth or ResetAfter limit. A rest of zero stands for the end
-// of the stream, which waits for freezes and latency like data.
+// of the stream, which waits for freezes and latency like data. A piece
+// that may proceed is counted as sent before gate returns, under the same
+// lock as the limit it was sized by, so that a ResetAfter during its write
+// counts from past it.
 func (l *Link) gate(d Direction, at time.Time, rest int) (int, verdict) {
 	var due time.Time // when the piece would have crossed a limited link
 	n := rest
 	for {
 		l.mu.Lock()
-		cut, dropped, frozen := l.cut, l.dropped, l.frozen
-		latency, rate := l.latency[d], l.rate[d]
-		limit, sent := l.limit[d], l.sent[d]
-		wake := l.wake
-		l.mu.Unlock()
-
 		var until time.Time // zero: wait for a change of faults only
 		now := time.Now()
+		rate := l.rate[d]
 		switch {
-		case cut, dropped && d == ServerToClient:
+		case l.cut, l.dropped && d == ServerToClient:
+			l.mu.Unlock()
 			return 0, halt
-		case dropped:
+		case l.dropped:
+			l.mu.Unlock()
 			return 0, discard
-		case frozen:
-		case now.Before(at.Add(latency)):
-			until = at.Add(latency)
+		case l.frozen:
+		case now.Before(at.Add(l.latency[d])):
+			until = at.Add(l.latency[d])
 		case rate > 0 && rest > 0 && due.IsZero():
 			n = min(rest, max(1, rate/pacesPerSecond))
 			// Each piece waits out its own transmission time before it is
 			// written, so n bytes never arrive sooner than n/rate.
 			due = now.Add(transmitTime(n, rate))
-			continue
+			until = due
 		case rate > 0 && now.Before(due):
 			until = due
 		default:
-			if limit > 0 {
+			if l.limit[d] > 0 {
 				// The writer cuts the link as soon as sent reaches limit,
-				// so some budget is always left here.
-				n = int(min(int64(n), limit-sent))
+				// and ResetAfter sets a limit above sent, so some budget
+				// is always left here.
+				n = int(min(int64(n), l.limit[d]-l.sent[d]))
 			}
+			l.sent[d] += int64(n)
+			l.mu.Unlock()
 			return n, proceed
 		}
+		wake := l.wake
+		l.mu.Unlock()
 		if !l.sleep(until, wake) {
 			return 0, halt
 		}
@@ -420,17 +429,17 @@ func (l *Link) sleep(until time.Time, wake <-chan struct{}) bool {
 	return true
 }
 
-// sentBytes records n bytes written in direction d and reports whether
-// the ResetAfter limit is reached.
-func (l *Link) sentBytes(d Direction, n int) bool {
-	if n == 0 {
-		return false
-	}
+// wrote records that a write of a piece of n bytes in direction d, which
+// gate counted as sent, wrote w of them, and reports whether the
+// ResetAfter limit is reached.
+func (l *Link) wrote(d Direction, n, w int) bool {
 	l.mu.Lock()
-	l.sent[d] += int64(n)
+	l.sent[d] -= int64(n - w)
 	reached := l.limit[d] > 0 && l.sent[d] >= l.limit[d]
 	l.mu.Unlock()
-	l.p.count(d, n)
+	if w > 0 {
+		l.p.count(d, w)
+	}
 	return reached
 }
 

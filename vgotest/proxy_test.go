@@ -385,6 +385,48 @@ func TestProxyResetAfter(t *testing.T) {
 	roundTrip(t, dial(t, p.Addr()), strings.Repeat("y", 3*limit))
 }
 
+func TestResetAfterCountsWriteInProgress(t *testing.T) {
+	const limit = 1000
+	p, c, s, l := linked(t)
+
+	// The server reads nothing yet, so the proxy's write to it blocks once
+	// the socket buffers are full.
+	require.NoError(t, c.SetWriteDeadline(time.Now().Add(waitFor)))
+	written := make(chan error, 1)
+	go func() {
+		_, err := c.Write(make([]byte, 64<<20))
+		written <- err
+	}()
+	// Bytes counts a piece from before its write, Stats once it is written,
+	// so Bytes exceeds Stats while a write is in progress. One that stays
+	// so for a while is blocked, and stays blocked while the server does
+	// not read.
+	var (
+		last   int64
+		stable int
+	)
+	require.Eventually(t, func() bool {
+		b := l.Bytes(ClientToServer)
+		if b != last || b <= p.Stats().ClientToServer {
+			last, stable = b, 0
+			return false
+		}
+		stable++
+		return stable == 10
+	}, waitFor, 10*time.Millisecond, "no write to the server blocked")
+	before := l.Bytes(ClientToServer)
+	l.ResetAfter(ClientToServer, limit)
+	require.Equal(t, before, l.Bytes(ClientToServer), "a piece was committed during ResetAfter")
+	require.Less(t, p.Stats().ClientToServer, before, "no write in progress during ResetAfter")
+
+	_, err := readUntilError(t, s)
+	require.ErrorIs(t, err, syscall.ECONNRESET)
+	require.Error(t, <-written)
+	waitDone(t, l)
+	require.Equal(t, ClosedByProxy, l.ClosedBy())
+	require.EqualValues(t, before+limit, l.Bytes(ClientToServer))
+}
+
 func TestDropServer(t *testing.T) {
 	addr, conns := startSink(t)
 	p := newProxy(t, addr)
