@@ -13,9 +13,19 @@ const (
 	// readSize is the largest chunk read from a socket at once.
 	readSize = 32 << 10
 	// queueLen is how many chunks a direction holds between its reader and
-	// its writer. With readSize it bounds what a frozen or slowed link
-	// keeps in memory, about 2 MiB per direction.
+	// its writer. With readSize it bounds what a frozen or delayed
+	// direction without a rate limit keeps in memory, about 2 MiB.
 	queueLen = 64
+	// queueTime is how much a bandwidth-limited direction holds, in time
+	// at its rate, beyond what its latency keeps in flight. Like the short
+	// queue of a router in front of a slow link, it makes a fast sender
+	// meet backpressure within a fraction of a second, where a queue of
+	// megabytes would let it write on for many seconds and keep its later
+	// bytes, such as a heartbeat, waiting behind them.
+	queueTime = time.Second / 4
+	// minQueue is the least a bandwidth-limited direction holds, so that at
+	// a very low rate it can still take in a small message whole.
+	minQueue = 1 << 10
 	// pacesPerSecond splits a bandwidth-limited stream into pieces of
 	// about 20ms each, so that it flows smoothly instead of in bursts.
 	pacesPerSecond = 50
@@ -42,6 +52,12 @@ type Link struct {
 	cause   Closer
 	running int           // goroutines of the link still running
 	wake    chan struct{} // closed and replaced whenever a fault changes
+	// held counts the bytes read in each direction and not yet written or
+	// discarded: those in the queue and the rest of the writer's chunk.
+	held [2]int
+	// drained is closed when a direction's writer lowers held, to wake a
+	// reader waiting for room; nil while no reader waits.
+	drained [2]chan struct{}
 }
 
 // half is one direction of a link.
@@ -177,8 +193,20 @@ func (l *Link) SetLatency(d Direction, latency time.Duration) {
 // SetBandwidth limits direction d to bytesPerSecond. The proxy writes no
 // more than about a fiftieth of a second's worth at a time and waits, before
 // each write, for as long as the bytes take at that rate, so sending n bytes
-// takes at least n/bytesPerSecond seconds. Zero or less, the default,
-// removes the limit.
+// takes at least n/bytesPerSecond seconds.
+//
+// Like a router in front of a slow link, the proxy then queues little: it
+// holds, read but not yet written, no more than a quarter of a second's
+// worth at that rate plus what the latency of direction d keeps in flight
+// at that rate, and at least 1 KiB. It reads from the source only as its
+// writes make room, so the sender's socket buffers fill and its writes
+// block, and bytes it sends later wait in the proxy, besides the latency,
+// behind a quarter of a second of data at most. A read already waiting for
+// data when the limit is set may still bring up to 32 KiB once. The bound
+// holds while the link is frozen too.
+//
+// Zero or less, the default, removes the limit, and with it the bound:
+// the direction holds up to about 2 MiB again.
 func (l *Link) SetBandwidth(d Direction, bytesPerSecond int) {
 	l.change(func() { l.rate[d] = bytesPerSecond })
 }
@@ -271,10 +299,19 @@ func (l *Link) receive(d Direction) {
 	h := &l.half[d]
 	buf := make([]byte, readSize)
 	for {
-		n, err := src.Read(buf)
-		at := time.Now()
-		if n > 0 && !l.hold(h, chunk{b: bytes.Clone(buf[:n]), at: at}) {
+		room, ok := l.room(d)
+		if !ok {
 			return
+		}
+		n, err := src.Read(buf[:room])
+		at := time.Now()
+		if n > 0 {
+			l.mu.Lock()
+			l.held[d] += n
+			l.mu.Unlock()
+			if !l.hold(h, chunk{b: bytes.Clone(buf[:n]), at: at}) {
+				return
+			}
 		}
 		if err != nil {
 			// A read failing because the proxy closed the socket finds
@@ -282,6 +319,37 @@ func (l *Link) receive(d Direction) {
 			l.blame(d.from())
 			l.hold(h, chunk{at: at, end: err})
 			return
+		}
+	}
+}
+
+// room blocks while direction d holds all that its rate allows, and
+// returns how many bytes its reader may read next, or false if the link
+// ends meanwhile. Any change of faults wakes it, since the rate and the
+// latency set the bound.
+func (l *Link) room(d Direction) (int, bool) {
+	for {
+		l.mu.Lock()
+		free := readSize
+		if l.rate[d] > 0 {
+			free = min(free, queueSize(l.rate[d], l.latency[d])-l.held[d])
+		}
+		if free > 0 {
+			l.mu.Unlock()
+			return free, true
+		}
+		if l.drained[d] == nil {
+			l.drained[d] = make(chan struct{})
+		}
+		drained, wake := l.drained[d], l.wake
+		l.mu.Unlock()
+		select {
+		case <-drained:
+		case <-wake:
+		case <-l.half[d].quit:
+			return 0, false
+		case <-l.stop:
+			return 0, false
 		}
 	}
 }
@@ -318,6 +386,7 @@ func (l *Link) deliver(d Direction) {
 			if c.end != nil {
 				return
 			}
+			l.discard(d, len(c.b))
 			continue
 		}
 		if c.end != nil {
@@ -340,6 +409,7 @@ func (l *Link) deliver(d Direction) {
 			}
 			if v == discard {
 				discarding = true
+				l.discard(d, len(rest))
 				break
 			}
 			w, err := dst.Write(rest[:n])
@@ -351,6 +421,7 @@ func (l *Link) deliver(d Direction) {
 			if err != nil {
 				if l.failed(d) == discard {
 					discarding = true
+					l.discard(d, len(rest))
 					break
 				}
 				return
@@ -436,11 +507,33 @@ func (l *Link) wrote(d Direction, n, w int) bool {
 	l.mu.Lock()
 	l.sent[d] -= int64(n - w)
 	reached := l.limit[d] > 0 && l.sent[d] >= l.limit[d]
+	l.releaseLocked(d, w)
 	l.mu.Unlock()
 	if w > 0 {
 		l.p.count(d, w)
 	}
 	return reached
+}
+
+// discard records that the writer of direction d dropped n bytes it held
+// instead of writing them.
+func (l *Link) discard(d Direction, n int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.releaseLocked(d, n)
+}
+
+// releaseLocked lowers what direction d holds by n bytes and wakes its
+// reader if it waits for room.
+func (l *Link) releaseLocked(d Direction, n int) {
+	if n == 0 {
+		return
+	}
+	l.held[d] -= n
+	if l.drained[d] != nil {
+		close(l.drained[d])
+		l.drained[d] = nil
+	}
 }
 
 // failed handles a failed write in direction d. A failure after
@@ -462,4 +555,13 @@ func (l *Link) failed(d Direction) verdict {
 // rounded up so that pacing never runs ahead of the rate.
 func transmitTime(n, rate int) time.Duration {
 	return time.Duration((int64(n)*int64(time.Second) + int64(rate) - 1) / int64(rate))
+}
+
+// queueSize returns how many bytes a direction limited to rate bytes per
+// second, with the given latency, may hold: queueTime's worth waiting for
+// the rate, plus what the latency keeps in flight so that it does not
+// lower the rate. Past what queueLen chunks hold, the queue binds instead.
+func queueSize(rate int, latency time.Duration) int {
+	n := float64(rate) * (queueTime + latency).Seconds()
+	return int(max(minQueue, min(n, queueLen*readSize)))
 }
