@@ -13,9 +13,19 @@ const (
 	// readSize is the largest chunk read from a socket at once.
 	readSize = 32 << 10
 	// queueLen is how many chunks a direction holds between its reader and
-	// its writer. With readSize it bounds what a frozen or slowed link
-	// keeps in memory, about 2 MiB per direction.
+	// its writer. With readSize it bounds what a frozen or delayed
+	// direction without a rate limit keeps in memory, about 2 MiB.
 	queueLen = 64
+	// queueTime is how much a bandwidth-limited direction holds, in time
+	// at its rate, beyond what its latency keeps in flight. Like the short
+	// queue of a router in front of a slow link, it makes a fast sender
+	// meet backpressure within a fraction of a second, where a queue of
+	// megabytes would let it write on for many seconds and keep its later
+	// bytes, such as a heartbeat, waiting behind them.
+	queueTime = time.Second / 4
+	// minQueue is the least a bandwidth-limited direction holds, so that at
+	// a very low rate it can still take in a small message whole.
+	minQueue = 1 << 10
 	// pacesPerSecond splits a bandwidth-limited stream into pieces of
 	// about 20ms each, so that it flows smoothly instead of in bursts.
 	pacesPerSecond = 50
@@ -36,12 +46,18 @@ type Link struct {
 	mu sync.Mutex
 	faults
 	limit   [2]int64 // sent count at which the link is cut; 0 for none
-	sent    [2]int64
+	sent    [2]int64 // bytes written, or being written (see gate)
 	cut     bool
 	dropped bool
 	cause   Closer
 	running int           // goroutines of the link still running
 	wake    chan struct{} // closed and replaced whenever a fault changes
+	// held counts the bytes read in each direction and not yet written or
+	// discarded: those in the queue and the rest of the writer's chunk.
+	held [2]int
+	// drained is closed when a direction's writer lowers held, to wake a
+	// reader waiting for room; nil while no reader waits.
+	drained [2]chan struct{}
 }
 
 // half is one direction of a link.
@@ -103,7 +119,9 @@ func (l *Link) ServerAddr() net.Addr {
 	return l.server.LocalAddr()
 }
 
-// Bytes returns how many bytes the link has forwarded in direction d.
+// Bytes returns how many bytes the link has forwarded in direction d. A
+// write to the destination that is in progress counts in full, as it does
+// for ResetAfter; should it fail, only what it wrote stays counted.
 func (l *Link) Bytes(d Direction) int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -175,16 +193,30 @@ func (l *Link) SetLatency(d Direction, latency time.Duration) {
 // SetBandwidth limits direction d to bytesPerSecond. The proxy writes no
 // more than about a fiftieth of a second's worth at a time and waits, before
 // each write, for as long as the bytes take at that rate, so sending n bytes
-// takes at least n/bytesPerSecond seconds. Zero or less, the default,
-// removes the limit.
+// takes at least n/bytesPerSecond seconds.
+//
+// Like a router in front of a slow link, the proxy then queues little: it
+// holds, read but not yet written, no more than a quarter of a second's
+// worth at that rate plus what the latency of direction d keeps in flight
+// at that rate, and at least 1 KiB. It reads from the source only as its
+// writes make room, so the sender's socket buffers fill and its writes
+// block, and bytes it sends later wait in the proxy, besides the latency,
+// behind a quarter of a second of data at most. A read already waiting for
+// data when the limit is set may still bring up to 32 KiB once. The bound
+// holds while the link is frozen too.
+//
+// Zero or less, the default, removes the limit, and with it the bound:
+// the direction holds up to about 2 MiB again.
 func (l *Link) SetBandwidth(d Direction, bytesPerSecond int) {
 	l.change(func() { l.rate[d] = bytesPerSecond })
 }
 
 // ResetAfter cuts the link, as Cut does, once n more bytes have been
-// forwarded in direction d. The proxy forwards exactly n bytes and then
-// cuts, unless a write already in progress when ResetAfter was called
-// takes it past n, by less than 32 KiB. Zero or less removes the limit.
+// forwarded in direction d, counting from Bytes(d) at the time of the
+// call. The proxy forwards exactly n bytes and then cuts: a write already
+// in progress when ResetAfter is called is counted by Bytes already, and
+// every later write is cut short at the limit. Zero or less removes the
+// limit.
 func (l *Link) ResetAfter(d Direction, n int64) {
 	l.change(func() {
 		l.limit[d] = 0
@@ -267,10 +299,19 @@ func (l *Link) receive(d Direction) {
 	h := &l.half[d]
 	buf := make([]byte, readSize)
 	for {
-		n, err := src.Read(buf)
-		at := time.Now()
-		if n > 0 && !l.hold(h, chunk{b: bytes.Clone(buf[:n]), at: at}) {
+		room, ok := l.room(d)
+		if !ok {
 			return
+		}
+		n, err := src.Read(buf[:room])
+		at := time.Now()
+		if n > 0 {
+			l.mu.Lock()
+			l.held[d] += n
+			l.mu.Unlock()
+			if !l.hold(h, chunk{b: bytes.Clone(buf[:n]), at: at}) {
+				return
+			}
 		}
 		if err != nil {
 			// A read failing because the proxy closed the socket finds
@@ -278,6 +319,37 @@ func (l *Link) receive(d Direction) {
 			l.blame(d.from())
 			l.hold(h, chunk{at: at, end: err})
 			return
+		}
+	}
+}
+
+// room blocks while direction d holds all that its rate allows, and
+// returns how many bytes its reader may read next, or false if the link
+// ends meanwhile. Any change of faults wakes it, since the rate and the
+// latency set the bound.
+func (l *Link) room(d Direction) (int, bool) {
+	for {
+		l.mu.Lock()
+		free := readSize
+		if l.rate[d] > 0 {
+			free = min(free, queueSize(l.rate[d], l.latency[d])-l.held[d])
+		}
+		if free > 0 {
+			l.mu.Unlock()
+			return free, true
+		}
+		if l.drained[d] == nil {
+			l.drained[d] = make(chan struct{})
+		}
+		drained, wake := l.drained[d], l.wake
+		l.mu.Unlock()
+		select {
+		case <-drained:
+		case <-wake:
+		case <-l.half[d].quit:
+			return 0, false
+		case <-l.stop:
+			return 0, false
 		}
 	}
 }
@@ -314,6 +386,7 @@ func (l *Link) deliver(d Direction) {
 			if c.end != nil {
 				return
 			}
+			l.discard(d, len(c.b))
 			continue
 		}
 		if c.end != nil {
@@ -336,17 +409,19 @@ func (l *Link) deliver(d Direction) {
 			}
 			if v == discard {
 				discarding = true
+				l.discard(d, len(rest))
 				break
 			}
 			w, err := dst.Write(rest[:n])
 			rest = rest[w:]
-			if l.sentBytes(d, w) {
+			if l.wrote(d, n, w) {
 				l.kill(ClosedByProxy)
 				return
 			}
 			if err != nil {
 				if l.failed(d) == discard {
 					discarding = true
+					l.discard(d, len(rest))
 					break
 				}
 				return
@@ -358,44 +433,49 @@ func (l *Link) deliver(d Direction) {
 // gate blocks until the next piece of a chunk read at time at may be
 // written in direction d, and returns its size: at most rest bytes, fewer
 // under a bandwidth or ResetAfter limit. A rest of zero stands for the end
-// of the stream, which waits for freezes and latency like data.
+// of the stream, which waits for freezes and latency like data. A piece
+// that may proceed is counted as sent before gate returns, under the same
+// lock as the limit it was sized by, so that a ResetAfter during its write
+// counts from past it.
 func (l *Link) gate(d Direction, at time.Time, rest int) (int, verdict) {
 	var due time.Time // when the piece would have crossed a limited link
 	n := rest
 	for {
 		l.mu.Lock()
-		cut, dropped, frozen := l.cut, l.dropped, l.frozen
-		latency, rate := l.latency[d], l.rate[d]
-		limit, sent := l.limit[d], l.sent[d]
-		wake := l.wake
-		l.mu.Unlock()
-
 		var until time.Time // zero: wait for a change of faults only
 		now := time.Now()
+		rate := l.rate[d]
 		switch {
-		case cut, dropped && d == ServerToClient:
+		case l.cut, l.dropped && d == ServerToClient:
+			l.mu.Unlock()
 			return 0, halt
-		case dropped:
+		case l.dropped:
+			l.mu.Unlock()
 			return 0, discard
-		case frozen:
-		case now.Before(at.Add(latency)):
-			until = at.Add(latency)
+		case l.frozen:
+		case now.Before(at.Add(l.latency[d])):
+			until = at.Add(l.latency[d])
 		case rate > 0 && rest > 0 && due.IsZero():
 			n = min(rest, max(1, rate/pacesPerSecond))
 			// Each piece waits out its own transmission time before it is
 			// written, so n bytes never arrive sooner than n/rate.
 			due = now.Add(transmitTime(n, rate))
-			continue
+			until = due
 		case rate > 0 && now.Before(due):
 			until = due
 		default:
-			if limit > 0 {
+			if l.limit[d] > 0 {
 				// The writer cuts the link as soon as sent reaches limit,
-				// so some budget is always left here.
-				n = int(min(int64(n), limit-sent))
+				// and ResetAfter sets a limit above sent, so some budget
+				// is always left here.
+				n = int(min(int64(n), l.limit[d]-l.sent[d]))
 			}
+			l.sent[d] += int64(n)
+			l.mu.Unlock()
 			return n, proceed
 		}
+		wake := l.wake
+		l.mu.Unlock()
 		if !l.sleep(until, wake) {
 			return 0, halt
 		}
@@ -420,18 +500,40 @@ func (l *Link) sleep(until time.Time, wake <-chan struct{}) bool {
 	return true
 }
 
-// sentBytes records n bytes written in direction d and reports whether
-// the ResetAfter limit is reached.
-func (l *Link) sentBytes(d Direction, n int) bool {
-	if n == 0 {
-		return false
-	}
+// wrote records that a write of a piece of n bytes in direction d, which
+// gate counted as sent, wrote w of them, and reports whether the
+// ResetAfter limit is reached.
+func (l *Link) wrote(d Direction, n, w int) bool {
 	l.mu.Lock()
-	l.sent[d] += int64(n)
+	l.sent[d] -= int64(n - w)
 	reached := l.limit[d] > 0 && l.sent[d] >= l.limit[d]
+	l.releaseLocked(d, w)
 	l.mu.Unlock()
-	l.p.count(d, n)
+	if w > 0 {
+		l.p.count(d, w)
+	}
 	return reached
+}
+
+// discard records that the writer of direction d dropped n bytes it held
+// instead of writing them.
+func (l *Link) discard(d Direction, n int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.releaseLocked(d, n)
+}
+
+// releaseLocked lowers what direction d holds by n bytes and wakes its
+// reader if it waits for room.
+func (l *Link) releaseLocked(d Direction, n int) {
+	if n == 0 {
+		return
+	}
+	l.held[d] -= n
+	if l.drained[d] != nil {
+		close(l.drained[d])
+		l.drained[d] = nil
+	}
 }
 
 // failed handles a failed write in direction d. A failure after
@@ -453,4 +555,13 @@ func (l *Link) failed(d Direction) verdict {
 // rounded up so that pacing never runs ahead of the rate.
 func transmitTime(n, rate int) time.Duration {
 	return time.Duration((int64(n)*int64(time.Second) + int64(rate) - 1) / int64(rate))
+}
+
+// queueSize returns how many bytes a direction limited to rate bytes per
+// second, with the given latency, may hold: queueTime's worth waiting for
+// the rate, plus what the latency keeps in flight so that it does not
+// lower the rate. Past what queueLen chunks hold, the queue binds instead.
+func queueSize(rate int, latency time.Duration) int {
+	n := float64(rate) * (queueTime + latency).Seconds()
+	return int(max(minQueue, min(n, queueLen*readSize)))
 }

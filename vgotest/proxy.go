@@ -24,10 +24,11 @@
 // direction, neither data nor FIN nor RST, while both sockets stay open, as
 // when a cable is pulled or a NAT entry expires. Only a timeout, such as a
 // heartbeat, can detect it. The proxy keeps reading what the peers send
-// while the link is frozen, up to about 2 MiB per direction, and then stops
-// reading so that the peers' writes block as they would on a silent
-// network. Nothing is dropped: on Thaw the held bytes are delivered in
-// order, followed by any FIN or RST that arrived meanwhile. Because the
+// while the link is frozen, as far as each direction may hold (see What
+// the proxy holds below: about 2 MiB, far less under SetBandwidth), and
+// then stops reading so that the peers' writes block as they would on a
+// silent network. Nothing is dropped: on Thaw the held bytes are delivered
+// in order, followed by any FIN or RST that arrived meanwhile. Because the
 // ends of the streams are held too, a frozen link stays live until it is
 // thawed or cut, even after both peers have closed their sockets.
 //
@@ -47,6 +48,19 @@
 // server's host vanishes without a word.
 //
 // In every setter a zero value removes the fault.
+//
+// # What the proxy holds
+//
+// Each direction of a link reads ahead of its writes, so that latency does
+// not hold back the reads behind a delayed chunk. Without a rate limit it
+// holds up to about 2 MiB, read but not yet written. With SetBandwidth it
+// behaves like a slow link behind a router with a short queue: it holds no
+// more than a quarter of a second's worth at its rate, plus what its
+// latency keeps in flight at that rate, and at least 1 KiB. Once that much
+// waits, the proxy stops reading until its writes make room, so the
+// sender's socket buffers fill, its writes block, and what it sends later,
+// such as a heartbeat, waits behind no more than a quarter of a second of
+// data in the proxy.
 //
 // # Waiting
 //

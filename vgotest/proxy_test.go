@@ -333,6 +333,103 @@ func TestBandwidth(t *testing.T) {
 	require.True(t, bytes.Equal(data, got), "echo differs from what was sent")
 }
 
+// held returns how many bytes l has read in direction d and not yet
+// written.
+func held(l *Link, d Direction) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.held[d]
+}
+
+func TestBandwidthBacksUpSender(t *testing.T) {
+	const rate, size = 100_000, 1 << 20
+	bound := queueSize(rate, 0)
+	require.Equal(t, rate/4, bound)
+	addr, conns := startSink(t)
+	p := newProxy(t, addr)
+	// Limited from its start, the link never reads more than the bound.
+	p.SetBandwidth(ClientToServer, rate)
+	c := dial(t, p.Addr())
+	// The sender's own buffer is kept modest, as on a real host: on
+	// loopback the kernel lets it grow to megabytes, which would take the
+	// whole write before the proxy's queue mattered.
+	require.NoError(t, c.SetWriteBuffer(64<<10))
+	s := accepted(t, conns)
+	l := linkOf(t, p, c)
+
+	// The server reads at once, so the rate is the only bottleneck.
+	require.NoError(t, s.SetReadDeadline(time.Now().Add(2*waitFor)))
+	received := make(chan []byte, 1)
+	go func() {
+		got := make([]byte, size)
+		n, _ := io.ReadFull(s, got)
+		received <- got[:n]
+	}()
+	data := randomBytes(t, size)
+	require.NoError(t, c.SetWriteDeadline(time.Now().Add(2*waitFor)))
+	written := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		written <- err
+	}()
+
+	// A third of a second at the rate: the sender is still writing.
+	most := 0
+	require.Eventually(t, func() bool {
+		most = max(most, held(l, ClientToServer))
+		return l.Bytes(ClientToServer) >= 30_000
+	}, waitFor, time.Millisecond, "less than 30 KB forwarded")
+	require.LessOrEqual(t, most, bound, "held more than the bound")
+	select {
+	case err := <-written:
+		t.Fatalf("a %d-byte write went through a %d B/s link at once (%v)", size, rate, err)
+	default:
+	}
+
+	// Frozen, the link fills its short queue and holds no more.
+	l.Freeze()
+	require.Eventually(t, func() bool {
+		h := held(l, ClientToServer)
+		most = max(most, h)
+		return h == bound
+	}, waitFor, time.Millisecond, "the frozen link did not fill its queue")
+	require.Equal(t, bound, most, "held more than the bound")
+	// Only the change of rate can wake the reader now: the writer is frozen.
+	l.SetBandwidth(ClientToServer, 0)
+	require.Eventually(t, func() bool {
+		return held(l, ClientToServer) > bound
+	}, waitFor, time.Millisecond, "lifting the limit did not wake the reader")
+
+	l.Thaw()
+	require.NoError(t, <-written)
+	require.True(t, bytes.Equal(data, <-received), "the server got other bytes")
+}
+
+func TestQueueSize(t *testing.T) {
+	assert.Equal(t, 25_000, queueSize(100_000, 0))
+	assert.Equal(t, 35_000, queueSize(100_000, 100*time.Millisecond), "latency keeps bytes in flight")
+	assert.Equal(t, minQueue, queueSize(1, 0))
+	assert.Equal(t, queueLen*readSize, queueSize(1<<40, time.Hour))
+}
+
+func TestDropServerDiscardsLimitedDirection(t *testing.T) {
+	const rate = 1000
+	addr, conns := startSink(t)
+	p := newProxy(t, addr)
+	p.SetBandwidth(ClientToServer, rate)
+	c := dial(t, p.Addr())
+	accepted(t, conns)
+	l := linkOf(t, p, c)
+
+	l.DropServer()
+	// Far more than the limited direction may hold: the discarded bytes
+	// must make room, or the proxy would never read the client's FIN.
+	send(t, c, strings.Repeat("x", 64*queueSize(rate, 0)))
+	require.NoError(t, c.CloseWrite())
+	waitDone(t, l)
+	require.Equal(t, ClosedByProxy, l.ClosedBy())
+}
+
 func TestResetAfter(t *testing.T) {
 	const limit = 10_000
 	p := newProxy(t, startEcho(t))
@@ -383,6 +480,48 @@ func TestProxyResetAfter(t *testing.T) {
 
 	p.ResetAfter(ServerToClient, 0)
 	roundTrip(t, dial(t, p.Addr()), strings.Repeat("y", 3*limit))
+}
+
+func TestResetAfterCountsWriteInProgress(t *testing.T) {
+	const limit = 1000
+	p, c, s, l := linked(t)
+
+	// The server reads nothing yet, so the proxy's write to it blocks once
+	// the socket buffers are full.
+	require.NoError(t, c.SetWriteDeadline(time.Now().Add(waitFor)))
+	written := make(chan error, 1)
+	go func() {
+		_, err := c.Write(make([]byte, 64<<20))
+		written <- err
+	}()
+	// Bytes counts a piece from before its write, Stats once it is written,
+	// so Bytes exceeds Stats while a write is in progress. One that stays
+	// so for a while is blocked, and stays blocked while the server does
+	// not read.
+	var (
+		last   int64
+		stable int
+	)
+	require.Eventually(t, func() bool {
+		b := l.Bytes(ClientToServer)
+		if b != last || b <= p.Stats().ClientToServer {
+			last, stable = b, 0
+			return false
+		}
+		stable++
+		return stable == 10
+	}, waitFor, 10*time.Millisecond, "no write to the server blocked")
+	before := l.Bytes(ClientToServer)
+	l.ResetAfter(ClientToServer, limit)
+	require.Equal(t, before, l.Bytes(ClientToServer), "a piece was committed during ResetAfter")
+	require.Less(t, p.Stats().ClientToServer, before, "no write in progress during ResetAfter")
+
+	_, err := readUntilError(t, s)
+	require.ErrorIs(t, err, syscall.ECONNRESET)
+	require.Error(t, <-written)
+	waitDone(t, l)
+	require.Equal(t, ClosedByProxy, l.ClosedBy())
+	require.EqualValues(t, before+limit, l.Bytes(ClientToServer))
 }
 
 func TestDropServer(t *testing.T) {
