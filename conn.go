@@ -82,7 +82,11 @@ type link struct {
 	closed     bool    // set by shutdown: nothing more is queued
 	closing    error   // the cause closeWith will shut down with
 	fullSince  time.Time
-	progress   chan struct{} // closed and replaced after every write
+	// Waiters for the writer's progress: those whose context can end wait
+	// on progress, closed and replaced after every write; the others on
+	// cond, which spares them a channel each time.
+	progress chan struct{}
+	cond     sync.Cond
 	iov        [2][]byte
 	bufs       net.Buffers // views iov; a field so that WriteTo does not allocate
 
@@ -107,6 +111,7 @@ func newLink(nc, raw net.Conn, o *commonOptions, closedErr error) *link {
 	}
 	// Until the hello exchange completes no data frame is allowed, so no
 	// peer can make us allocate before it has said who it is.
+	l.cond.L = &l.mu
 	l.fr = newFrameReader(nil, 0)
 	l.rd = &deadlineReader{conn: nc, frames: &l.fr.frames}
 	l.fr.br.Reset(l.rd)
@@ -466,6 +471,10 @@ func chunkEnd(b []byte, off, limit int) int {
 // waitLocked waits for the writer to make progress. It is called with l.mu
 // held and returns with it held, except on error, when it has released it.
 func (l *link) waitLocked(ctx context.Context) error {
+	if ctx.Done() == nil {
+		l.cond.Wait()
+		return nil
+	}
 	if l.progress == nil {
 		l.progress = make(chan struct{})
 	}
@@ -482,6 +491,7 @@ func (l *link) waitLocked(ctx context.Context) error {
 
 // signalLocked wakes whoever waits for progress.
 func (l *link) signalLocked() {
+	l.cond.Broadcast()
 	if l.progress != nil {
 		close(l.progress)
 		l.progress = nil
