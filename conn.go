@@ -81,14 +81,13 @@ type link struct {
 	writing    bool    // the writer goroutine is running
 	closed     bool    // set by shutdown: nothing more is queued
 	closing    error   // the cause closeWith will shut down with
-	fullSince  time.Time
 	// Waiters for the writer's progress: those whose context can end wait
 	// on progress, closed and replaced after every write; the others on
 	// cond, which spares them a channel each time.
 	progress chan struct{}
 	cond     sync.Cond
-	iov        [2][]byte
-	bufs       net.Buffers // views iov; a field so that WriteTo does not allocate
+	iov      [2][]byte
+	bufs     net.Buffers // views iov; a field so that WriteTo does not allocate
 
 	// goodbye is the reconnect window a departing server asked for.
 	goodbye atomic.Int64
@@ -194,9 +193,8 @@ func (l *link) cause() error {
 // ErrQueueFull if not; closedErr if the link is down or closing;
 // ErrNotConnected before the hello exchange is done; and an error wrapping
 // ErrFrameTooLarge for a message longer than either side accepts. A queue
-// that has stayed full, with no write completing, for the write timeout
-// means the peer is not keeping up: the link is torn down as a slow
-// consumer.
+// cannot stay full for longer than the write timeout: the writer's write
+// in progress fails first, tearing the link down as a slow consumer.
 func (l *link) offer(p []byte) error {
 	l.mu.Lock()
 	switch {
@@ -210,16 +208,7 @@ func (l *link) offer(p []byte) error {
 		l.mu.Unlock()
 		return checkPayload(p, l.maxSend)
 	case l.queuedLocked() >= sendQueueLimit:
-		now := time.Now()
-		if l.fullSince.IsZero() {
-			l.fullSince = now
-		}
-		stuck := l.writeTimeout > 0 && now.Sub(l.fullSince) >= l.writeTimeout
 		l.mu.Unlock()
-		if stuck {
-			l.shutdown(fmt.Errorf("%w: send queue full for %v", ErrSlowConsumer, l.writeTimeout))
-			return l.closedErr
-		}
 		return ErrQueueFull
 	}
 	l.appendMessageLocked(p)
@@ -397,8 +386,6 @@ func (l *link) writeLoop() {
 			l.closed = true
 			break
 		}
-		// A completed write is progress: the queue is not stuck.
-		l.fullSince = time.Time{}
 	}
 	// Idle or down: the buffers go back to the pool.
 	l.writing = false

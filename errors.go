@@ -43,8 +43,7 @@ var (
 
 	// ErrSlowConsumer is the cause of a disconnect when the peer did not
 	// take what was sent to it: a write did not complete within the write
-	// timeout, the send queue stayed full for that long, or the peer kept
-	// pinging without reading its pongs. It satisfies net.Error with
+	// timeout, or the peer kept pinging without reading its pongs. It satisfies net.Error with
 	// Timeout() == true.
 	ErrSlowConsumer error = &timeoutError{"vgo: slow consumer"}
 

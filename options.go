@@ -129,9 +129,11 @@ func WithMaxFrameSize(n int) Option {
 }
 
 // WithWriteTimeout sets how long a peer may leave a write to its socket
-// unfinished, or its send queue full, before the connection is torn down
-// as a slow consumer (ErrSlowConsumer); a half-written frame cannot be
-// taken back. Each write carries at most 64 KiB of messages. The default is
+// unfinished before the connection is torn down as a slow consumer
+// (ErrSlowConsumer); a half-written frame cannot be taken back. Each write
+// carries at most 64 KiB of messages, so a peer that takes less than that
+// per write timeout is dropped, and a send queue cannot stay full for
+// longer. The default is
 // DefaultWriteTimeout (10s); negative means no limit.
 func WithWriteTimeout(d time.Duration) Option {
 	return commonOption(func(o *commonOptions) { o.writeTimeout = d })

@@ -471,7 +471,7 @@ func (s *Server) Range(fn func(c *Conn) bool) {
 // Broadcast queues payload on every open connection and returns how many
 // it reached, with the meaning Send gives to queueing. It waits on no
 // connection: one whose send queue is full is skipped (as by TrySend), and
-// one whose queue stays full for the write timeout is dropped as a slow
+// one whose writes stall for the write timeout is dropped as a slow
 // consumer. ctx stops a broadcast over many connections part way.
 func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
 	n := 0
@@ -511,8 +511,8 @@ func (c *Conn) Send(ctx context.Context, payload []byte) error {
 }
 
 // TrySend is Send without waiting: when the send queue is full it fails at
-// once with ErrQueueFull. A connection whose queue stays full for the
-// write timeout is dropped as a slow consumer.
+// once with ErrQueueFull. A connection whose writes stall for the write
+// timeout is dropped as a slow consumer.
 func (c *Conn) TrySend(payload []byte) error {
 	return c.l.offer(payload)
 }
