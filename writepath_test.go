@@ -28,6 +28,22 @@ import (
 // mirror is a handler that sends every message back unchanged.
 func mirror(c *Conn, msg []byte) { _ = c.Send(context.Background(), msg) }
 
+// repeat calls fn every d until stop is closed or fn returns false.
+func repeat(stop <-chan struct{}, d time.Duration, fn func() bool) {
+	tick := time.NewTicker(d)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+			if !fn() {
+				return
+			}
+		}
+	}
+}
+
 func TestSlowLinkDeliversLongMessage(t *testing.T) {
 	// 1 MiB over a 100 KB/s link takes about 10 s, longer than the default
 	// ping interval plus pong timeout (8 s): the client's pings must pass
@@ -248,18 +264,10 @@ func TestBroadcastNotHeldByStuckPeer(t *testing.T) {
 	stopPinging := make(chan struct{})
 	var pinger sync.WaitGroup
 	pinger.Go(func() {
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stopPinging:
-				return
-			case <-tick.C:
-				if _, err := stuck.nc.Write(appendFrame(nil, framePing, nil)); err != nil {
-					return
-				}
-			}
-		}
+		repeat(stopPinging, 100*time.Millisecond, func() bool {
+			_, err := stuck.nc.Write(appendFrame(nil, framePing, nil))
+			return err == nil
+		})
 	})
 	t.Cleanup(func() { close(stopPinging); pinger.Wait() })
 
@@ -652,16 +660,10 @@ func TestSlowConsumerMeansNoProgress(t *testing.T) {
 						sender.Go(func() {
 							_ = c.Send(context.Background(), make([]byte, DefaultMaxFrameSize))
 							// What Broadcast does meanwhile.
-							tick := time.NewTicker(50 * time.Millisecond)
-							defer tick.Stop()
-							for {
-								select {
-								case <-stop:
-									return
-								case <-tick.C:
-									_ = c.TrySend([]byte("tick"))
-								}
-							}
+							repeat(stop, 50*time.Millisecond, func() bool {
+								_ = c.TrySend([]byte("tick"))
+								return true
+							})
 						})
 					}),
 					WithOnConnClose(func(_ *Conn, err error) { closed <- stamp(err) }))
