@@ -79,7 +79,7 @@ type link struct {
 	beats      []byte  // pings and pongs waiting
 	beatsSpare []byte  // the last written beats, reused
 	writing    bool    // the writer goroutine is running
-	closed     bool    // set by shutdown: nothing more is queued
+	closed     bool    // set by shutdown or a failed write: nothing more is queued
 	closing    error   // the cause closeWith will shut down with
 	// Waiters for the writer's progress: those whose context can end wait
 	// on progress, closed and replaced after every write; the others on
@@ -108,9 +108,9 @@ func newLink(nc, raw net.Conn, o *commonOptions, closedErr error) *link {
 		closedErr:    closedErr,
 		done:         make(chan struct{}),
 	}
-	// Until the hello exchange completes no data frame is allowed, so no
-	// peer can make us allocate before it has said who it is.
 	l.cond.L = &l.mu
+	// Until the hello exchange completes only a hello, or a close, is
+	// read, so no peer can make us allocate before it has said who it is.
 	l.fr = newFrameReader(nil, 0)
 	l.rd = &deadlineReader{conn: nc, frames: &l.fr.frames}
 	l.fr.br.Reset(l.rd)

@@ -726,3 +726,30 @@ func TestConnSendOnlyWhileOpen(t *testing.T) {
 	assert.ErrorIs(t, conn.Send(testContext(t), []byte("too late")), ErrClosed)
 	assert.ErrorIs(t, conn.TrySend([]byte("too late")), ErrClosed)
 }
+
+func TestPingFloodWithoutReadingIsSlowConsumer(t *testing.T) {
+	// A peer that keeps pinging and never reads its pongs makes them pile
+	// up; past a bound it is dropped, long before its writes time out.
+	synctest.Test(t, func(t *testing.T) {
+		closed := make(chan stamped[error], 1)
+		_, l := servePipe(t, WithOnConnClose(func(_ *Conn, err error) { closed <- stamp(err) }))
+		nc, err := l.dial(context.Background(), "", "")
+		require.NoError(t, err)
+		t.Cleanup(func() { nc.Close() })
+		_, err = nc.Write(rawHello(ProtocolVersion))
+		require.NoError(t, err)
+		_, _, err = readWireFrame(nc)
+		require.NoError(t, err)
+		start := time.Now()
+		ping := wireFrame(wirePing, make([]byte, maxPingSize))
+		for i := 0; ; i++ {
+			require.Less(t, i, 2*maxHeartbeatQueue/len(ping), "never dropped")
+			if _, err := nc.Write(ping); err != nil {
+				break
+			}
+		}
+		got := awaitFake(t, closed)
+		require.ErrorIs(t, got.v, ErrSlowConsumer)
+		assert.Zero(t, got.at.Sub(start), "dropped at once, not at the write timeout")
+	})
+}
