@@ -543,11 +543,18 @@ func TestFramesAfterHelloFollowTheProtocol(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := dialHello(t, addr)
 			r.write(tc.frames)
-			ft, p := r.next()
-			require.Equal(t, frameClose, ft)
-			assert.Equal(t, &CloseError{Code: CloseProtocolError, Reason: tc.reason}, parseClose(p))
+			r.expectProtocolError(tc.reason)
 		})
 	}
+}
+
+// expectProtocolError reads a close frame for a protocol error with the
+// given reason.
+func (r *rawConn) expectProtocolError(reason string) {
+	r.t.Helper()
+	ft, p := r.next()
+	require.Equal(r.t, frameClose, ft)
+	assert.Equal(r.t, &CloseError{Code: CloseProtocolError, Reason: reason}, parseClose(p))
 }
 
 func TestHelloFieldsFollowTheProtocol(t *testing.T) {
@@ -570,9 +577,7 @@ func TestHelloFieldsFollowTheProtocol(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := dialRaw(t, addr)
 			r.write(tc.hello)
-			ft, p := r.next()
-			require.Equal(t, frameClose, ft)
-			assert.Equal(t, &CloseError{Code: CloseProtocolError, Reason: tc.reason}, parseClose(p))
+			r.expectProtocolError(tc.reason)
 		})
 	}
 
