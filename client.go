@@ -351,8 +351,8 @@ func (c *Client) serve(l *link, hb *heartbeat) error {
 	return err
 }
 
-// readLoop is the connection's only reader. It answers pings, measures pongs and hands data frames to the
-// message callback.
+// readLoop is the connection's only reader. It answers pings, measures
+// pongs and hands messages to the message callback.
 func (c *Client) readLoop(l *link, hb *heartbeat) {
 	for {
 		t, p, err := l.fr.next()
