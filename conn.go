@@ -146,8 +146,7 @@ func (l *link) established(idle time.Duration, maxData int, peer hello, reply []
 		l.maxSend = min(l.maxSend, peer.maxMessage)
 	}
 	if reply != nil {
-		l.streamLocked().b = appendFrame(l.stream.b, frameHello, reply)
-		l.startLocked()
+		l.queueFrameLocked(frameHello, reply)
 	}
 	l.ready = true
 	return true
@@ -271,9 +270,13 @@ func (l *link) queueFrame(t frameType, payload []byte) bool {
 	if l.closed {
 		return false
 	}
+	l.queueFrameLocked(t, payload)
+	return true
+}
+
+func (l *link) queueFrameLocked(t frameType, payload []byte) {
 	l.streamLocked().b = appendFrame(l.stream.b, t, payload)
 	l.startLocked()
-	return true
 }
 
 // beat queues a ping or a pong ahead of the stream. It never waits: a
