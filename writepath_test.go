@@ -91,7 +91,8 @@ func TestFreezeDetectedWhileLongMessageInFlight(t *testing.T) {
 	)
 	lost := make(chan error, 1)
 	_, addr := startServer(t, WithHeartbeatTimeout(heartbeat),
-		WithOnConnOpen(func(c *Conn) { go c.Send(context.Background(), make([]byte, DefaultMaxFrameSize)) }),
+		// Send returns once the message is queued: the reader is not held.
+		WithOnConnOpen(func(c *Conn) { _ = c.Send(context.Background(), make([]byte, DefaultMaxFrameSize)) }),
 		WithOnConnClose(func(_ *Conn, err error) { lost <- err }))
 	proxy := newProxy(t, addr)
 	proxy.SetBandwidth(vgotest.ServerToClient, 100_000)
@@ -402,8 +403,10 @@ func TestStreamingClientCountsAsHealthy(t *testing.T) {
 	// the hello proves the connection healthy, so a client allowed a single
 	// failed attempt never gives up on a server that streams and then
 	// closes.
+	var streams sync.WaitGroup
+	t.Cleanup(streams.Wait) // after the server's Close, which ends them
 	_, addr := startServer(t, WithOnConnOpen(func(c *Conn) {
-		go func() {
+		streams.Go(func() {
 			msg := make([]byte, 1<<10)
 			for range 2000 {
 				if c.Send(context.Background(), msg) != nil {
@@ -411,7 +414,7 @@ func TestStreamingClientCountsAsHealthy(t *testing.T) {
 				}
 			}
 			c.Close()
-		}()
+		})
 	}))
 	connects := make(chan struct{}, 100)
 	c := newTestClient(t, addr, WithMaxAttempts(1), WithOnConnect(func(net.Addr) { connects <- struct{}{} }))
@@ -429,7 +432,7 @@ func TestShutdownGoodbyeWithEveryHello(t *testing.T) {
 		l := listen(t)
 		srv, serving := serveOn(t, l, WithDrainWindow(time.Second))
 		r := dialRaw(t, l.Addr().String())
-		go r.nc.Write(rawHello(ProtocolVersion))
+		r.write(rawHello(ProtocolVersion))
 		shut := make(chan error, 1)
 		go func() { shut <- srv.Shutdown(context.Background()) }()
 
