@@ -307,13 +307,27 @@ func (c *Client) setStateLocked(s State) {
 // serve runs one established connection until it fails or the client is
 // closed, and returns the cause. It starts the reader and the pinger and
 // waits for both, so no goroutine of this connection outlives it.
-func (c *Client) serve(l *link, hb *heartbeat) error {
+//
+// out is what preceded this connection since the last one was lost; the
+// connect line reports it.
+func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	remote := l.nc.RemoteAddr()
 	log := c.log.WithField("local", l.nc.LocalAddr().String())
 	c.publish(l)
 	c.stats.connects.Add(1)
-	c.stats.connectedSince.Store(time.Now().UnixNano())
-	log.Info("connected")
+	now := time.Now()
+	c.stats.connectedSince.Store(now.UnixNano())
+	if out.since.IsZero() {
+		log.Info("connected")
+	} else {
+		down := now.Sub(out.since)
+		attempts := "attempts"
+		if out.dials == 1 {
+			attempts = "attempt"
+		}
+		log.WithFields(logrus.Fields{"attempt": out.dials, "downtime": down}).
+			Infof("reconnected after %d %s in %.1f s", out.dials, attempts, down.Seconds())
+	}
 	if fn := c.opts.onConnect; fn != nil {
 		fn(remote)
 	}

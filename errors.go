@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 )
 
 // Sentinel errors. Match them with errors.Is: the errors vgo returns and
@@ -87,6 +88,7 @@ const (
 	CloseBadVersion    CloseCode = 3 // the protocol versions do not match
 	CloseServerFull    CloseCode = 4 // the server is at its connection limit
 	CloseUnauthorized  CloseCode = 5 // the server rejected the credentials
+	CloseTryLater      CloseCode = 6 // the server is busy; the frame says when to retry
 )
 
 // String returns the code's name.
@@ -104,6 +106,8 @@ func (c CloseCode) String() string {
 		return "server full"
 	case CloseUnauthorized:
 		return "unauthorized"
+	case CloseTryLater:
+		return "try later"
 	}
 	return fmt.Sprintf("code %d", uint8(c))
 }
@@ -115,14 +119,21 @@ type CloseError struct {
 	Code CloseCode
 	// Reason is the peer's explanation for people; it may be empty.
 	Reason string
+	// RetryAfter is how long a busy server asked the client to wait
+	// before dialing again; it is set only with CloseTryLater.
+	RetryAfter time.Duration
 }
 
 // Error returns the code and the reason in one line.
 func (e *CloseError) Error() string {
-	if e.Reason == "" {
-		return "vgo: closed by peer: " + e.Code.String()
+	msg := "vgo: closed by peer: " + e.Code.String()
+	if e.Reason != "" {
+		msg += ": " + e.Reason
 	}
-	return "vgo: closed by peer: " + e.Code.String() + ": " + e.Reason
+	if e.RetryAfter > 0 {
+		msg += " (retry after " + e.RetryAfter.String() + ")"
+	}
+	return msg
 }
 
 // chainError puts what happened in front of its cause, with the package

@@ -91,7 +91,7 @@ func maxPayload(t frameType, maxData int) int {
 	case framePing, framePong:
 		return maxPingSize
 	case frameClose:
-		return 1 + maxReasonSize
+		return 1 + 4 + maxReasonSize // a try-later hint has 4 bytes more
 	case frameGoodbye:
 		return 4
 	}
@@ -478,6 +478,16 @@ func marshalClose(code CloseCode, reason string) []byte {
 	return append([]byte{byte(code)}, reason...)
 }
 
+// marshalTryLater encodes the payload of a close frame that asks the client
+// to dial again after retryAfter: the code, the wait in milliseconds as a
+// uint32, then the reason.
+func marshalTryLater(retryAfter time.Duration, reason string) []byte {
+	p := marshalClose(CloseTryLater, reason)
+	p = slices.Insert(p, 1, 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(p[1:], millis(retryAfter))
+	return p
+}
+
 // parseClose decodes a close frame's payload. A reason that is not valid
 // UTF-8 has its bad bytes replaced with U+FFFD rather than failing: the
 // connection is ending either way.
@@ -485,5 +495,12 @@ func parseClose(p []byte) *CloseError {
 	if len(p) == 0 {
 		return &CloseError{Code: CloseNormal}
 	}
-	return &CloseError{Code: CloseCode(p[0]), Reason: strings.ToValidUTF8(string(p[1:]), "\uFFFD")}
+	e := &CloseError{Code: CloseCode(p[0])}
+	p = p[1:]
+	if e.Code == CloseTryLater && len(p) >= 4 {
+		e.RetryAfter = time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
+		p = p[4:]
+	}
+	e.Reason = strings.ToValidUTF8(string(p), "\uFFFD")
+	return e
 }

@@ -23,6 +23,9 @@ const (
 	DefaultHandshakeTimeout = 5 * time.Second
 	DefaultMaxFrameSize     = 1 << 20
 	DefaultDrainWindow      = 5 * time.Second
+	DefaultMaxPingInterval  = 25 * time.Second
+	DefaultMaxHandshakes    = 1024
+	DefaultRetryAfter       = time.Second
 )
 
 // A ClientOption configures a Client. Options that also make sense for a
@@ -83,6 +86,8 @@ type serverOptions struct {
 	maxConns         int
 	minPing, maxPing time.Duration
 	drainWindow      time.Duration
+	maxHandshakes    int
+	retryAfter       time.Duration
 	authenticate     func(c *Conn, credentials []byte) error
 
 	handler     func(c *Conn, msg []byte)
@@ -292,8 +297,11 @@ func WithHeartbeatTimeout(d time.Duration) ServerOption {
 // every max instead (and a client with heartbeats off starts pinging); one
 // set to ping more often than min pings every min. Either logs a warning.
 // The default max is a third of the heartbeat timeout, so a client can miss
-// two pings before it is closed as stale, and there is no min. max must not
-// exceed half the heartbeat timeout; 0 keeps the default.
+// two pings before it is closed as stale, and at most
+// DefaultMaxPingInterval (25s), also with the heartbeat timeout off: load
+// balancers and NATs drop a TCP connection idle for 30 s to a few minutes,
+// and each ping resets their timer. There is no min. max must not exceed
+// half the heartbeat timeout; 0 keeps the default.
 func WithPingIntervalRange(min, max time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.minPing, o.maxPing = min, max })
 }
@@ -304,6 +312,22 @@ func WithPingIntervalRange(min, max time.Duration) ServerOption {
 // DefaultDrainWindow (5s); negative sends no such request.
 func WithDrainWindow(d time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.drainWindow = d })
+}
+
+// WithAdmission bounds how many accepted connections a server lets run
+// their handshake (TLS and hello) at once, so that a fleet dialing back
+// after a restart cannot pile up more work than the server finishes within
+// the handshake timeout. A connection accepted beyond the bound is
+// answered at once, without reading its hello, with a close frame of code
+// CloseTryLater and a retry-after hint drawn at random between half and
+// one and a half times retryAfter; a vgo client waits that long instead of
+// taking a step of its backoff. Over TLS the connection is closed without
+// the frame, which the client cannot read before a TLS handshake, and the
+// client takes its backoff step. The defaults are DefaultMaxHandshakes
+// (1024) and DefaultRetryAfter (1s); a negative maxHandshakes turns the
+// bound off.
+func WithAdmission(maxHandshakes int, retryAfter time.Duration) ServerOption {
+	return serverOption(func(o *serverOptions) { o.maxHandshakes, o.retryAfter = maxHandshakes, retryAfter })
 }
 
 // WithAuthenticator sets the function that accepts or rejects each
@@ -452,13 +476,28 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	}
 	o.heartbeatTimeout = orDefault(o.heartbeatTimeout, DefaultHeartbeatTimeout)
 	o.drainWindow = orDefault(o.drainWindow, DefaultDrainWindow)
+	switch {
+	case o.maxHandshakes == 0:
+		o.maxHandshakes = DefaultMaxHandshakes
+	case o.maxHandshakes < 0:
+		o.maxHandshakes = 0
+	}
+	switch {
+	case o.retryAfter == 0:
+		o.retryAfter = DefaultRetryAfter
+	case o.retryAfter < 0:
+		return o, invalid("retry-after %v is negative", o.retryAfter)
+	}
 	if o.minPing < 0 || o.maxPing < 0 {
 		return o, invalid("ping interval range %v..%v is negative", o.minPing, o.maxPing)
 	}
-	if o.heartbeatTimeout > 0 {
-		if o.maxPing == 0 {
-			o.maxPing = o.heartbeatTimeout / 3
+	if o.maxPing == 0 {
+		o.maxPing = DefaultMaxPingInterval
+		if o.heartbeatTimeout > 0 {
+			o.maxPing = min(o.heartbeatTimeout/3, o.maxPing)
 		}
+	}
+	if o.heartbeatTimeout > 0 {
 		if o.maxPing > o.heartbeatTimeout/2 {
 			return o, invalid("max ping interval %v must be at most half the heartbeat timeout %v", o.maxPing, o.heartbeatTimeout)
 		}

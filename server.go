@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*Conn]struct{}
 	open      int // conns that have completed the hello
+	deferred  int // connections refused with a retry hint since one was last admitted
 }
 
 // NewServer returns a server configured by opts. It returns an error
@@ -128,6 +130,17 @@ func (s *Server) accept(nc net.Conn) {
 		s.refuse(nc)
 		return
 	}
+	if s.opts.maxHandshakes > 0 && len(s.conns)-s.open >= s.opts.maxHandshakes {
+		s.deferred++
+		first := s.deferred == 1
+		s.mu.Unlock()
+		s.tryLater(nc, first)
+		return
+	}
+	if n := s.deferred; n > 0 {
+		s.deferred = 0
+		s.log.WithField("refused", n).Info("admission control: accepting again")
+	}
 	c := &Conn{
 		id:     s.nextID.Add(1),
 		srv:    s,
@@ -146,16 +159,42 @@ func (s *Server) accept(nc net.Conn) {
 }
 
 // refuse tells a connection over the limit why it is closed, then closes
-// it. The close frame fits in an empty socket buffer, so the short deadline
-// only matters for a broken socket.
+// it.
 func (s *Server) refuse(nc net.Conn) {
 	s.stats.refused.Add(1)
 	s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "max": s.opts.maxConns}).
 		Warn("connection refused: at max connections")
+	s.closeRaw(nc, marshalClose(CloseServerFull, "at max connections"))
+}
+
+// tryLater answers a connection accepted beyond the handshake bound with a
+// close frame that tells the client when to dial again, without reading
+// its hello. first marks the refusal that begins a run of them, the one
+// logged above debug.
+func (s *Server) tryLater(nc net.Conn, first bool) {
+	s.stats.throttled.Add(1)
+	spread := s.opts.retryAfter
+	hint := spread/2 + time.Duration(rand.Int64N(int64(spread)+1))
+	log := s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "retry_after": hint, "max": s.opts.maxHandshakes})
+	switch {
+	case first:
+		log.Warn("admission control: too many handshakes; refusing connections with a retry hint")
+	case debugEnabled(s.log):
+		log.Debug("connection refused with a retry hint")
+	}
+	s.closeRaw(nc, marshalTryLater(hint, "too many handshakes"))
+}
+
+// closeRaw sends a close frame on a connection that never started its
+// handshake, and closes it. The frame fits in an empty socket buffer, so
+// the short deadline only matters for a broken socket. Over TLS there is
+// no way to send it before a TLS handshake, and the connection is closed
+// without it.
+func (s *Server) closeRaw(nc net.Conn, payload []byte) {
 	if s.opts.tlsConfig == nil {
 		if nc.SetWriteDeadline(time.Now().Add(closeFrameTimeout)) == nil {
 			// Best effort: the peer learns the reason if it can.
-			_, _ = nc.Write(appendFrame(nil, frameClose, marshalClose(CloseServerFull, "at max connections")))
+			_, _ = nc.Write(appendFrame(nil, frameClose, payload))
 		}
 	}
 	nc.Close()
@@ -436,6 +475,7 @@ func (s *Server) Stats() ServerStats {
 		StaleClosed:    s.stats.stale.Load(),
 		ProtocolErrors: s.stats.protocol.Load(),
 		SlowConsumers:  s.stats.slow.Load(),
+		Throttled:      s.stats.throttled.Load(),
 		AuthFailures:   s.stats.auth.Load(),
 		Live:           s.Len(),
 	}

@@ -33,6 +33,7 @@ type ServerStats struct {
 	StaleClosed    uint64 // connections closed for want of a heartbeat
 	ProtocolErrors uint64 // connections closed for breaking the protocol
 	SlowConsumers  uint64 // connections closed for not taking what was sent
+	Throttled      uint64 // connections refused with a retry hint (see WithAdmission)
 	AuthFailures   uint64 // connections whose credentials were rejected
 	Live           int    // open connections, as Len reports
 }
@@ -94,5 +95,5 @@ func (s *clientStats) snapshot() ClientStats {
 
 // serverStats holds a server's counters.
 type serverStats struct {
-	accepted, refused, stale, protocol, auth, slow atomic.Uint64
+	accepted, refused, throttled, stale, protocol, auth, slow atomic.Uint64
 }
