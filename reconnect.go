@@ -134,7 +134,9 @@ func (c *Client) run() {
 		switch {
 		case healthy:
 			failed, waits, tried = 0, 0, 0
-		case hint == 0:
+		case hint > 0:
+			c.stats.hints.Add(1)
+		default:
 			failed++
 			tried++
 			c.stats.failedDials.Add(1)

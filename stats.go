@@ -9,6 +9,7 @@ import (
 type ClientStats struct {
 	Dials       uint64 // dial attempts, each endpoint tried counting once
 	FailedDials uint64 // attempts that did not give a healthy connection
+	RetryHints  uint64 // attempts a busy server refused with a retry hint
 	Reconnects  uint64 // connections made after the first
 
 	MessagesIn  uint64 // data frames received
@@ -41,9 +42,9 @@ type ServerStats struct {
 // clientStats holds a client's counters; each is updated atomically, on
 // the goroutine where its event happens.
 type clientStats struct {
-	dials, failedDials, connects       atomic.Uint64
-	msgsIn, msgsOut, bytesIn, bytesOut atomic.Uint64
-	dropped, rejected                  atomic.Uint64
+	dials, failedDials, hints, connects atomic.Uint64
+	msgsIn, msgsOut, bytesIn, bytesOut  atomic.Uint64
+	dropped, rejected                   atomic.Uint64
 
 	rttMin, rttMax, rttSum, rttLast atomic.Int64
 	pongs                           atomic.Int64
@@ -70,6 +71,7 @@ func (s *clientStats) snapshot() ClientStats {
 	st := ClientStats{
 		Dials:       s.dials.Load(),
 		FailedDials: s.failedDials.Load(),
+		RetryHints:  s.hints.Load(),
 		MessagesIn:  s.msgsIn.Load(),
 		MessagesOut: s.msgsOut.Load(),
 		BytesIn:     s.bytesIn.Load(),
