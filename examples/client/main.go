@@ -5,7 +5,7 @@
 //
 // Usage:
 //
-//	go run ./examples/client -addr 127.0.0.1:9966 -interval 1s -timeout 3s
+//	go run ./examples/client -addr 127.0.0.1:9966 -interval 1s -timeout 3s -backoff 250ms
 package main
 
 import (
@@ -25,6 +25,9 @@ func main() {
 	interval := flag.Duration("interval", time.Second, "how often to ping the server")
 	timeout := flag.Duration("timeout", vgo.DefaultPongTimeout,
 		"how long to wait for the server after a ping before dropping the connection")
+	backoff := flag.Duration("backoff", 0,
+		"first wait before dialing again after the connection is lost; later waits grow 1.5x per failed dial "+
+			"to at most 5s (or this, if longer), each spread by ±50%; 0 means the library's 250ms")
 	flag.Parse()
 
 	log := logrus.New()
@@ -32,21 +35,23 @@ func main() {
 		FullTimestamp:   true,
 		TimestampFormat: "2006-01-02T15:04:05.000Z07:00",
 	})
-	if err := run(*addr, *interval, *timeout, log); err != nil {
+	if err := run(*addr, *interval, *timeout, *backoff, log); err != nil {
 		log.WithField("err", err).Error("client failed")
 		os.Exit(1)
 	}
 }
 
-func run(addr string, interval, timeout time.Duration, log *logrus.Logger) error {
+func run(addr string, interval, timeout, backoff time.Duration, log *logrus.Logger) error {
 	c, err := vgo.NewClient(addr,
 		// vgo itself logs each connect and disconnect (with the cause) at
-		// info level, and each failed dial at warn level with the attempt,
-		// the delay before the next one and the error. Pongs it logs only
+		// info level, a reconnect with the attempts and the time it took,
+		// and each failed dial at warn level with the attempt, the delay
+		// before the next one and the error. Pongs it logs only
 		// at debug level, so they are the one event logged here.
 		vgo.WithLogger(log),
 		vgo.WithPingInterval(interval),
 		vgo.WithPongTimeout(timeout),
+		vgo.WithBackoff(vgo.Backoff{BaseDelay: backoff}),
 		vgo.WithOnPong(func(rtt time.Duration) {
 			log.WithFields(logrus.Fields{"remote": addr, "rtt": rtt}).Info("pong")
 		}),

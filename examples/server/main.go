@@ -1,11 +1,11 @@
 // Command server runs a vgo echo server: it sends every data frame back to
 // the client that sent it, and closes clients that stay silent for longer
-// than -timeout. It runs until SIGINT or SIGTERM, then shuts down
-// gracefully.
+// than -timeout. It logs connects and disconnects, and with -v each ping
+// too. It runs until SIGINT or SIGTERM, then shuts down gracefully.
 //
 // Usage:
 //
-//	go run ./examples/server -addr :9966 -timeout 15s
+//	go run ./examples/server -addr :9966 -timeout 15s [-v]
 package main
 
 import (
@@ -33,9 +33,14 @@ func main() {
 	timeout := flag.Duration("timeout", vgo.DefaultHeartbeatTimeout,
 		"close a client after this long without hearing from it; keep it above the clients' ping interval")
 	statsAddr := flag.String("stats", "", "address to publish the server's stats on through expvar at /debug/vars; empty for none")
+	verbose := flag.Bool("v", false, "log each ping as well (at debug level)")
 	flag.Parse()
 
-	log := newLogger(logrus.InfoLevel)
+	level := logrus.InfoLevel
+	if *verbose {
+		level = logrus.DebugLevel
+	}
+	log := newLogger(level)
 	if err := run(*addr, *statsAddr, *timeout, log); err != nil {
 		log.WithField("err", err).Error("server failed")
 		os.Exit(1)
@@ -61,7 +66,11 @@ func run(addr, statsAddr string, timeout time.Duration, log *logrus.Logger) erro
 			connLog(log, c).WithField("err", err).Info("client disconnected")
 		}),
 		vgo.WithOnPing(func(c *vgo.Conn) {
-			connLog(log, c).Info("received ping")
+			// Pings outnumber every other event by far; at info they
+			// would bury the connects and disconnects.
+			if log.IsLevelEnabled(logrus.DebugLevel) {
+				connLog(log, c).Debug("received ping")
+			}
 		}),
 		vgo.WithHandler(func(c *vgo.Conn, msg []byte) {
 			// A failed send closes the connection, and the close callback
