@@ -26,11 +26,20 @@
 // # Reconnect
 //
 // The client dials at once on Start, and after a failure waits according to
-// its Backoff before the next attempt. The backoff restarts only after a
-// connection has proven healthy by completing its hello and receiving any
-// frame after it, so a server that accepts and drops at once does not cause a
-// dial storm. By default the client never gives up; WithMaxAttempts makes it
-// stop with ErrGaveUp.
+// its Backoff before the next attempt: by default a quarter of a second at
+// first, growing to at most five, so a client is back within a few seconds
+// of its server. The backoff restarts only after a connection has proven
+// healthy by completing its hello and receiving any frame after it, so a
+// server that accepts and drops at once does not cause a dial storm. By
+// default the client never gives up; WithMaxAttempts makes it stop with
+// ErrGaveUp.
+//
+// A server protects itself from a fleet that returns at once: beyond a bound
+// on connections in their handshake (WithAdmission) it answers a dial at
+// once with a close frame that says when to come back (CloseTryLater), and
+// the client waits that long instead of a step of its backoff. A server that
+// shuts down gracefully asks its clients to spread their return over a
+// window (WithDrainWindow).
 //
 // # Concurrency
 //

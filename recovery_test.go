@@ -3,9 +3,11 @@ package vgo
 import (
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -264,8 +266,12 @@ func TestAdmissionOptions(t *testing.T) {
 }
 
 func TestTryLaterCloseFrame(t *testing.T) {
+	// The example of PROTOCOL.md, "Close".
 	p := marshalTryLater(1500*time.Millisecond, "too many handshakes")
-	assert.Equal(t, append([]byte{6, 0, 0, 0x05, 0xdc}, "too many handshakes"...), p)
+	doc := "05 00 00 00 18 06 00 00 05 dc 74 6f 6f 20 6d 61 6e 79 20 68 61 6e 64 73 68 61 6b 65 73"
+	want, err := hex.DecodeString(strings.ReplaceAll(doc, " ", ""))
+	require.NoError(t, err)
+	assert.Equal(t, want, appendFrame(nil, frameClose, p))
 	ce := parseClose(p)
 	assert.Equal(t, &CloseError{Code: CloseTryLater, Reason: "too many handshakes", RetryAfter: 1500 * time.Millisecond}, ce)
 	assert.Equal(t, "vgo: closed by peer: try later: too many handshakes (retry after 1.5s)", ce.Error())
