@@ -173,7 +173,7 @@ func WithDialTimeout(d time.Duration) ClientOption {
 }
 
 // WithBackoff sets the delays between dial attempts. Zero fields take the
-// defaults documented on Backoff: 5s, ×1.6, ±60%, at most 30s.
+// defaults documented on Backoff: 250ms, ×1.4, ±50%, at most 5s.
 func WithBackoff(b Backoff) ClientOption {
 	return clientOption(func(o *clientOptions) { o.backoff = b })
 }

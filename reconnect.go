@@ -21,7 +21,10 @@ import (
 //
 // The defaults serve a lone client: the first dial after a lost connection
 // comes within 125 to 375 ms, and the waits grow to at most 5 s, so a
-// client is back within one such wait of its server's return. A fleet is
+// client is back within one such wait of its server's return. The slow
+// growth keeps the waits short through the outages that are most common,
+// a restart or a deploy of a few seconds (BENCHMARKS.md has the figures
+// for a 3 s outage). A fleet is
 // kept from overwhelming a restarting server by the server itself, which
 // answers the dials it has no room for with a hint of when to come back
 // (see WithAdmission), and by Shutdown's drain window.
@@ -38,7 +41,7 @@ type Backoff struct {
 	// first dial failed. The default is 250ms.
 	BaseDelay time.Duration
 	// Multiplier is how much each wait grows over the one before; at least
-	// 1. The default is 1.5.
+	// 1. The default is 1.4.
 	Multiplier float64
 	// Jitter is the fraction, between 0 and 1, by which each wait is
 	// randomly lengthened or shortened. The default is 0.5; negative means
@@ -51,7 +54,7 @@ type Backoff struct {
 
 var defaultBackoff = Backoff{
 	BaseDelay:  250 * time.Millisecond,
-	Multiplier: 1.5,
+	Multiplier: 1.4,
 	Jitter:     0.5,
 	MaxDelay:   5 * time.Second,
 }

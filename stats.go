@@ -8,7 +8,7 @@ import (
 // ClientStats is a snapshot of a client's counters since NewClient.
 type ClientStats struct {
 	Dials       uint64 // dial attempts, each endpoint tried counting once
-	FailedDials uint64 // attempts that did not give a healthy connection
+	FailedDials uint64 // attempts that did not give a healthy connection, retry hints aside
 	RetryHints  uint64 // attempts a busy server refused with a retry hint
 	Reconnects  uint64 // connections made after the first
 

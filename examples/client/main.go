@@ -26,7 +26,7 @@ func main() {
 	timeout := flag.Duration("timeout", vgo.DefaultPongTimeout,
 		"how long to wait for the server after a ping before dropping the connection")
 	backoff := flag.Duration("backoff", 0,
-		"first wait before dialing again after the connection is lost; later waits grow 1.5x per failed dial "+
+		"first wait before dialing again after the connection is lost; later waits grow 1.4x per failed dial "+
 			"to at most 5s (or this, if longer), each spread by ±50%; 0 means the library's 250ms")
 	flag.Parse()
 
