@@ -143,6 +143,23 @@ func (c *child) kill() {
 	c.wg.Wait()
 }
 
+// waitExit waits until the child has exited and been reaped, and kills it
+// if that takes longer than limit. It reports whether the child exited by
+// itself.
+func (c *child) waitExit(limit time.Duration) bool {
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-c.exited:
+		c.wg.Wait()
+		return true
+	case <-t.C:
+		c.log.WithField("limit", limit).Warn("child did not exit; killing it")
+		c.kill()
+		return false
+	}
+}
+
 // stop asks the child to quit, and kills it if it has not exited after
 // grace.
 func (c *child) stop(grace time.Duration) {

@@ -22,6 +22,12 @@ import (
 // stops; each Close waits up to the library's close frame timeout.
 const closeWorkers = 256
 
+// slowConnect is the connect time from which a TCP connect counts as slow.
+// On loopback a connect takes well under a millisecond unless the server's
+// SYN queue or accept queue was full and dropped the SYN: then the client
+// sends it again after the initial retransmission timeout of one second.
+const slowConnect = 900 * time.Millisecond
+
 // runClients is a client process: it starts cfg.count vgo clients against
 // cfg.addr, reports their state once a second and answers the parent's
 // commands until quit, end of input or ctx.
@@ -67,8 +73,7 @@ func runClients(ctx context.Context, cfg config, log *logrus.Entry) error {
 		case cmdRTT:
 			return true, out.send(name, rttReply{Window: f.window.snapshot(true), Total: f.total.snapshot(false)})
 		case cmdRecord:
-			f.record()
-			return true, out.send(name, struct{}{})
+			return true, out.send(name, recordReply{Epoch: f.record()})
 		case cmdEvents:
 			t0, err := strconv.ParseInt(arg, 10, 64)
 			if err != nil {
@@ -91,8 +96,13 @@ type fleet struct {
 	sem chan struct{}
 
 	connected, ever, back atomic.Int64
+	settled               atomic.Int64 // clients back since record that have had a pong since
 	dials, dialErrors     atomic.Int64
 	handshakeFails        atomic.Int64
+	handshakeTimeouts     atomic.Int64
+	connects, slowConnect atomic.Int64 // TCP connects timed, and those of slowConnect or more
+	maxConnect            atomic.Int64 // the longest connect, ns
+	recMaxConnect         atomic.Int64 // the longest connect since record, ns
 	disconnects, pongs    atomic.Int64
 	startNs, upNs         atomic.Int64 // Unix ns of the first Start and of the last first connect
 	window, total         rttHist
@@ -106,14 +116,27 @@ type fleet struct {
 	backTimes        []int64 // Unix ns
 	causes           map[string]int
 	recDialErrors    int64
-	lastDialErr      string // kept whether recording or not
-	lastHandshakeErr string // likewise
+	epoch            int64    // how many times record was called
+	recBase          counters // the counters when record was called
+	lastDialErr      string   // kept whether recording or not
+	lastHandshakeErr string   // likewise
+}
+
+// counters are the fleet's running totals that the events command reports
+// as differences since record.
+type counters struct {
+	retryHints        uint64
+	handshakeTimeouts int64
+	connects          int64
+	slowConnects      int64
 }
 
 type clientState struct {
-	connectedOnce atomic.Bool  // connected at least once
-	back          atomic.Bool  // connected since record
-	dialedAt      atomic.Int64 // Unix ns of a dial whose hello is still pending
+	connectedOnce atomic.Bool   // connected at least once
+	back          atomic.Bool   // connected since record
+	settled       atomic.Bool   // had a pong since it came back
+	dialedAt      atomic.Int64  // Unix ns of a dial whose hello is still pending
+	retryHints    atomic.Uint64 // the client's RetryHints at its last WithOnReconnect
 }
 
 // newFleet creates cfg.count clients; lib is the logger vgo gets.
@@ -133,16 +156,7 @@ func newFleet(cfg config, lib *logrus.Entry) (*fleet, error) {
 			dialers[i].Control = bindAddressNoPort
 		}
 	}
-	jitter := cfg.jitter
-	if jitter == 0 {
-		jitter = -1 // vgo reads 0 as "default"; negative is none
-	}
-	backoff := vgo.Backoff{
-		BaseDelay:  cfg.backoffBase,
-		Multiplier: cfg.backoffMult,
-		Jitter:     jitter,
-		MaxDelay:   cfg.backoffMax,
-	}
+	backoff := cfg.backoff()
 	for i := range f.clients {
 		st := &f.states[i]
 		d := dialers[(cfg.first+i)%cfg.sources]
@@ -156,8 +170,8 @@ func newFleet(cfg config, lib *logrus.Entry) (*fleet, error) {
 			}),
 			vgo.WithOnConnect(func(net.Addr) { f.onConnect(st) }),
 			vgo.WithOnDisconnect(f.onDisconnect),
-			vgo.WithOnReconnect(func(_ int, delay time.Duration) { f.onReconnect(st, delay) }),
-			vgo.WithOnPong(f.onPong),
+			vgo.WithOnReconnect(func(_ int, delay time.Duration) { f.onReconnect(f.clients[i], st, delay) }),
+			vgo.WithOnPong(func(rtt time.Duration) { f.onPong(st, rtt) }),
 		)
 		if err != nil {
 			return nil, err
@@ -233,9 +247,21 @@ func (f *fleet) dial(ctx context.Context, st *clientState, d *net.Dialer, networ
 		f.dialTimes = append(f.dialTimes, now)
 		f.mu.Unlock()
 	}
+	start := time.Now()
 	nc, err := d.DialContext(ctx, network, addr)
+	now := time.Now()
+	if !errors.Is(ctx.Err(), context.Canceled) {
+		// A dial cut short by the client's Close says nothing about the
+		// server; one that ran into the dial timeout does.
+		f.timeConnect(now.Sub(start))
+	}
 	if err == nil {
-		st.dialedAt.Store(time.Now().UnixNano())
+		st.dialedAt.Store(now.UnixNano())
+		if tc, ok := nc.(*net.TCPConn); ok {
+			hc := &helloConn{TCPConn: tc, f: f}
+			hc.pending.Store(true)
+			nc = hc
+		}
 	} else {
 		f.dialErrors.Add(1)
 		f.mu.Lock()
@@ -246,6 +272,70 @@ func (f *fleet) dial(ctx context.Context, st *clientState, d *net.Dialer, networ
 		f.mu.Unlock()
 	}
 	return nc, err
+}
+
+// timeConnect counts a TCP connect that took d.
+func (f *fleet) timeConnect(d time.Duration) {
+	f.connects.Add(1)
+	if d >= slowConnect {
+		f.slowConnect.Add(1)
+	}
+	storeMax(&f.maxConnect, int64(d))
+	storeMax(&f.recMaxConnect, int64(d))
+}
+
+// storeMax raises m to v if v is larger.
+func storeMax(m *atomic.Int64, v int64) {
+	for {
+		old := m.Load()
+		if v <= old || m.CompareAndSwap(old, v) {
+			return
+		}
+	}
+}
+
+// helloConn is a client's TCP connection as the library sees it; it
+// notes a hello cut short by the handshake timeout. Until the server's
+// first bytes arrive the only deadlines on the connection are the
+// handshake's, so a read or write that times out before then ends the
+// hello for that reason. Embedding the *net.TCPConn keeps its other
+// methods, SyscallConn and vectored writes among them, for the library.
+type helloConn struct {
+	*net.TCPConn
+	f *fleet
+	// pending says nothing has been read yet, and no write or read has
+	// failed.
+	pending atomic.Bool
+}
+
+func (c *helloConn) Read(p []byte) (int, error) {
+	n, err := c.TCPConn.Read(p)
+	if n > 0 {
+		c.settle(false)
+	} else if err != nil {
+		c.settle(isTimeout(err))
+	}
+	return n, err
+}
+
+func (c *helloConn) Write(p []byte) (int, error) {
+	n, err := c.TCPConn.Write(p)
+	if err != nil {
+		c.settle(isTimeout(err))
+	}
+	return n, err
+}
+
+// settle ends the hello's watch, counting a handshake timeout if timedOut.
+func (c *helloConn) settle(timedOut bool) {
+	if c.pending.Load() && c.pending.CompareAndSwap(true, false) && timedOut {
+		c.f.handshakeTimeouts.Add(1)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func (f *fleet) onConnect(st *clientState) {
@@ -280,11 +370,14 @@ func (f *fleet) onDisconnect(err error) {
 
 // onReconnect notes when the next dial is due. It also catches attempts
 // whose TCP connect succeeded but whose hello did not: vgo hands no error
-// to this callback, so the time the attempt took tells a server that never
-// answered from one that hung up.
-func (f *fleet) onReconnect(st *clientState, delay time.Duration) {
+// to this callback, so the client's RetryHints tells an attempt a busy
+// server refused with a hint, which is not a failure, and the time the
+// attempt took tells a server that never answered from one that hung up.
+func (f *fleet) onReconnect(c *vgo.Client, st *clientState, delay time.Duration) {
 	now := time.Now()
-	if dialed := st.dialedAt.Swap(0); dialed != 0 {
+	hints := c.Stats().RetryHints
+	hinted := st.retryHints.Swap(hints) != hints
+	if dialed := st.dialedAt.Swap(0); dialed != 0 && !hinted {
 		f.handshakeFails.Add(1)
 		why := "connection closed during the hello"
 		if took := now.Sub(time.Unix(0, dialed)); took >= vgo.DefaultHandshakeTimeout {
@@ -302,44 +395,75 @@ func (f *fleet) onReconnect(st *clientState, delay time.Duration) {
 	}
 }
 
-func (f *fleet) onPong(rtt time.Duration) {
+func (f *fleet) onPong(st *clientState, rtt time.Duration) {
+	if st.back.Load() && st.settled.CompareAndSwap(false, true) {
+		f.settled.Add(1)
+	}
 	f.pongs.Add(1)
 	f.window.add(rtt)
 	f.total.add(rtt)
 }
 
 func (f *fleet) progress() clientsProgress {
+	// Under mu, record cannot reset the counters since record in between.
 	f.mu.Lock()
 	last, lastHandshake := f.lastDialErr, f.lastHandshakeErr
+	epoch, back, settled := f.epoch, f.back.Load(), f.settled.Load()
 	f.mu.Unlock()
 	return clientsProgress{
+		Epoch:       epoch,
 		Connected:   f.connected.Load(),
 		Ever:        f.ever.Load(),
-		Back:        f.back.Load(),
+		Back:        back,
 		Dials:       f.dials.Load(),
 		DialErrors:  f.dialErrors.Load(),
 		Disconnects: f.disconnects.Load(),
 		Pongs:       f.pongs.Load(),
 		LastDialErr: last,
 
-		HandshakeFails:   f.handshakeFails.Load(),
-		LastHandshakeErr: lastHandshake,
+		HandshakeFails:    f.handshakeFails.Load(),
+		HandshakeTimeouts: f.handshakeTimeouts.Load(),
+		Settled:           settled,
+		Connects:          f.connects.Load(),
+		SlowConnects:      f.slowConnect.Load(),
+		MaxConnect:        f.maxConnect.Load(),
+		LastHandshakeErr:  lastHandshake,
 	}
 }
 
 // record starts a fresh recording of dials, reconnect callbacks, first
-// connects and disconnect causes.
-func (f *fleet) record() {
+// connects and disconnect causes, and returns its number.
+func (f *fleet) record() int64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.epoch++
 	for i := range f.states {
 		f.states[i].back.Store(false)
+		f.states[i].settled.Store(false)
 	}
 	f.back.Store(0)
+	f.settled.Store(0)
 	f.dialTimes, f.scheduledTimes, f.backTimes = nil, nil, nil
 	f.causes = make(map[string]int)
 	f.recDialErrors = 0
+	f.recBase = f.counters()
+	f.recMaxConnect.Store(0)
 	f.recording.Store(true)
+	return f.epoch
+}
+
+// counters returns the running totals that events reports since record.
+func (f *fleet) counters() counters {
+	var hints uint64
+	for _, c := range f.clients {
+		hints += c.Stats().RetryHints
+	}
+	return counters{
+		retryHints:        hints,
+		handshakeTimeouts: f.handshakeTimeouts.Load(),
+		connects:          f.connects.Load(),
+		slowConnects:      f.slowConnect.Load(),
+	}
 }
 
 func (f *fleet) events(t0 int64) eventsReply {
@@ -359,6 +483,12 @@ func (f *fleet) events(t0 int64) eventsReply {
 		Missing:    len(f.clients) - len(f.backTimes),
 		DialErrors: f.recDialErrors,
 	}
+	now := f.counters()
+	r.RetryHints = now.retryHints - f.recBase.retryHints
+	r.HandshakeTimeouts = now.handshakeTimeouts - f.recBase.handshakeTimeouts
+	r.Connects = now.connects - f.recBase.connects
+	r.SlowConnects = now.slowConnects - f.recBase.slowConnects
+	r.MaxConnect = f.recMaxConnect.Load()
 	for err, n := range f.causes {
 		r.Causes = append(r.Causes, cause{Err: err, Count: n})
 	}

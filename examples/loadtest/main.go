@@ -2,7 +2,8 @@
 // server on loopback and measures what they cost: how fast they connect,
 // the server's memory per idle connection, the CPU that heartbeats take
 // while nothing else happens, the pong round-trip times, and how the
-// clients come back after the server is killed and restarted.
+// clients come back after the server is killed, or shut down gracefully,
+// and restarted.
 //
 // One process cannot hold both ends of many connections: the hard limit on
 // file descriptors is per process, and every connection needs one on each
@@ -27,8 +28,9 @@
 // Progress and events are logged to stderr, at most one progress line a
 // second; the summary goes to stdout. It names the process every figure
 // comes from and checks the project's targets: server memory per idle
-// connection, heartbeat CPU, and how fast and how evenly the clients come
-// back after a restart.
+// connection, heartbeat CPU, and how fast the clients come back after a
+// restart without straining the new server (no handshake timeouts, no
+// dropped SYNs).
 //
 // Phases, in order:
 //
@@ -39,9 +41,22 @@
 //     connected (connect rate);
 //  3. wait -settle, then measure for -idle: CPU of the server and of the
 //     client processes, pong round-trip times, and the server's memory;
-//  4. with -restart: kill the server with SIGKILL, start a new one on the
-//     same address after -downtime, and time the clients' return, counting
-//     every dial they make;
+//  4. with -restart: stop the server (-restart-mode: SIGKILL, or a graceful
+//     vgo Server.Shutdown that asks the clients to spread their return
+//     over the drain window, after which the process exits), start a new
+//     one on the same address -downtime after the old one is gone, and time
+//     the clients' return, counting every dial they make. Time zero is the
+//     moment the stop begins. Besides the return times the phase records
+//     the new server's refusals (vgo.ServerStats.Throttled and Refused),
+//     the clients' retry hints (vgo.ClientStats.RetryHints), hellos that
+//     hit the handshake timeout, TCP connects that took 900 ms or more (on
+//     loopback, a SYN that was dropped and retransmitted after a second),
+//     the machine's TcpExt ListenOverflows and ListenDrops, and the new
+//     server's peak resident memory (VmHWM) and CPU, with its busiest
+//     second. With -repeat the phase runs several times in a row, each
+//     run starting once every client is back and has had a pong, so that
+//     its backoff starts afresh; the summary gives each run's return time
+//     after the new server listened, their median and their maximum;
 //  5. stop everything and print the summary.
 //
 // Each phase has its own time limit, and -deadline bounds the whole run:
@@ -63,11 +78,15 @@
 //	-interval        client ping interval (default 5s)
 //	-timeout         client pong timeout (default 3s, the library's)
 //	-server-timeout  server heartbeat timeout (default 3 x interval)
-//	-backoff-base    first reconnect delay (default 5s, the library's)
-//	-backoff-max     largest reconnect delay, jitter included (default 30s)
-//	-backoff-mult    growth of the delay per failed attempt (default 1.6)
-//	-jitter          fraction by which each delay is randomly shortened or
-//	                 lengthened, 0 to 1; 0 means none (default 0.6)
+//	-backoff-base    first reconnect delay (default 0: the library's,
+//	                 see vgo.Backoff)
+//	-backoff-max     largest reconnect delay, jitter included (default 0:
+//	                 the library's)
+//	-backoff-mult    growth of the delay per failed attempt, at least 1
+//	                 (default 0: the library's)
+//	-jitter          fraction, up to 1, by which each delay is randomly
+//	                 shortened or lengthened (default 0: the library's;
+//	                 negative: none)
 //	-ramp            dials in flight per client process while connecting
 //	                 (default 200; 0 means all at once)
 //	-bind-no-port    set IP_BIND_ADDRESS_NO_PORT on the clients' sockets, so
@@ -76,10 +95,20 @@
 //	                 (default 2 x interval)
 //	-idle            idle measuring window (default 20s; 0 skips it)
 //	-restart         run the restart phase (default true)
-//	-downtime        how long the server stays down (default 1s)
+//	-restart-mode    how the server is stopped: kill (SIGKILL) or shutdown
+//	                 (vgo Server.Shutdown, then the process exits)
+//	                 (default kill)
+//	-drain           the server's drain window, sent to the clients by
+//	                 Shutdown (default 0: the library's,
+//	                 vgo.DefaultDrainWindow; negative: none)
+//	-downtime        how long the server stays down, from the old process's
+//	                 exit to the new one's start (default 1s)
+//	-repeat          restart phases in a row (default 1)
 //	-connect-timeout limit for all clients to connect (default 2m)
-//	-restart-timeout limit for all clients to come back (default
-//	                 2 x backoff-max + 30s)
+//	-restart-timeout limit for all clients to come back in each restart,
+//	                 counted from the new server listening (default 0:
+//	                 the larger of 60s and 2 x backoff-max + 30s, plus the
+//	                 drain window in shutdown mode)
 //	-deadline        limit for the whole run (default 10m)
 //	-profile         directory for CPU profiles of the server and client
 //	                 processes over the idle window and a heap profile of
@@ -93,6 +122,8 @@
 //	go run ./examples/loadtest -n 1000 -interval 1s
 //	go run ./examples/loadtest -n 10000 -interval 5s
 //	go run ./examples/loadtest -n 19000 -interval 5s
+//	go run ./examples/loadtest -n 1 -idle 0 -downtime 3s -repeat 5
+//	go run ./examples/loadtest -n 200 -idle 0 -restart-mode shutdown -downtime 2s
 //	go run ./examples/loadtest -n 10000 -idle 0 -backoff-base 2s -jitter 1 -backoff-max 10s
 //	go run ./examples/loadtest -n 19000 -restart=false -profile /tmp/vgo-prof
 package main
@@ -120,14 +151,15 @@ const (
 	roleClients = "clients"
 )
 
-// The library's backoff defaults, repeated here because vgo does not export
-// them (see vgo.Backoff); the flags show them as their defaults.
+// Ways to stop the server in the restart phase (-restart-mode).
 const (
-	defaultBackoffBase = 5 * time.Second
-	defaultBackoffMax  = 30 * time.Second
-	defaultBackoffMult = 1.6
-	defaultJitter      = 0.6
+	modeKill     = "kill"
+	modeShutdown = "shutdown"
 )
+
+// minRestartTimeout is the least the default -restart-timeout allows for
+// every client to come back.
+const minRestartTimeout = 60 * time.Second
 
 // config holds every flag; the parent passes children the ones they need.
 type config struct {
@@ -138,16 +170,19 @@ type config struct {
 	interval       time.Duration
 	timeout        time.Duration
 	serverTimeout  time.Duration
-	backoffBase    time.Duration
+	backoffBase    time.Duration // 0: the library's default, as for the three below
 	backoffMax     time.Duration
 	backoffMult    float64
-	jitter         float64
+	jitter         float64 // negative: none
 	ramp           int
 	bindNoPort     bool
 	settle         time.Duration
 	idle           time.Duration
 	restart        bool
+	restartMode    string
+	drain          time.Duration // 0: the library's default; negative: none
 	downtime       time.Duration
+	repeat         int
 	connectTimeout time.Duration
 	restartTimeout time.Duration
 	deadline       time.Duration
@@ -174,18 +209,21 @@ func parseFlags() (config, error) {
 	fs.DurationVar(&c.interval, "interval", 5*time.Second, "client ping interval")
 	fs.DurationVar(&c.timeout, "timeout", vgo.DefaultPongTimeout, "client pong timeout")
 	fs.DurationVar(&c.serverTimeout, "server-timeout", 0, "server heartbeat timeout (0: 3 x interval)")
-	fs.DurationVar(&c.backoffBase, "backoff-base", defaultBackoffBase, "first reconnect delay")
-	fs.DurationVar(&c.backoffMax, "backoff-max", defaultBackoffMax, "largest reconnect delay, jitter included")
-	fs.Float64Var(&c.backoffMult, "backoff-mult", defaultBackoffMult, "growth of the reconnect delay per failed attempt")
-	fs.Float64Var(&c.jitter, "jitter", defaultJitter, "fraction, 0 to 1, by which each reconnect delay is randomly spread; 0: none")
+	fs.DurationVar(&c.backoffBase, "backoff-base", 0, "first reconnect delay (0: the library's default, see vgo.Backoff)")
+	fs.DurationVar(&c.backoffMax, "backoff-max", 0, "largest reconnect delay, jitter included (0: the library's default)")
+	fs.Float64Var(&c.backoffMult, "backoff-mult", 0, "growth of the reconnect delay per failed attempt, at least 1 (0: the library's default)")
+	fs.Float64Var(&c.jitter, "jitter", 0, "fraction, up to 1, by which each reconnect delay is randomly spread (0: the library's default; negative: none)")
 	fs.IntVar(&c.ramp, "ramp", 200, "dials in flight per client process while connecting (0: all at once)")
 	fs.BoolVar(&c.bindNoPort, "bind-no-port", true, "let connect(), not bind(), choose the clients' source ports (IP_BIND_ADDRESS_NO_PORT)")
 	fs.DurationVar(&c.settle, "settle", 0, "wait between the last connect and the idle window (0: 2 x interval)")
 	fs.DurationVar(&c.idle, "idle", 20*time.Second, "idle measuring window (0: skip)")
-	fs.BoolVar(&c.restart, "restart", true, "kill and restart the server and time the clients' return")
-	fs.DurationVar(&c.downtime, "downtime", time.Second, "how long the server stays down in the restart phase")
+	fs.BoolVar(&c.restart, "restart", true, "stop and restart the server and time the clients' return")
+	fs.StringVar(&c.restartMode, "restart-mode", modeKill, "how the restart phase stops the server: kill (SIGKILL) or shutdown (vgo Server.Shutdown, then exit)")
+	fs.DurationVar(&c.drain, "drain", 0, "the server's drain window, sent to the clients by Shutdown (0: the library's default, vgo.DefaultDrainWindow; negative: none)")
+	fs.DurationVar(&c.downtime, "downtime", time.Second, "how long the server stays down in the restart phase, from the old process's exit")
+	fs.IntVar(&c.repeat, "repeat", 1, "restart phases in a row")
 	fs.DurationVar(&c.connectTimeout, "connect-timeout", 2*time.Minute, "limit for all clients to connect")
-	fs.DurationVar(&c.restartTimeout, "restart-timeout", 0, "limit for all clients to come back (0: 2 x backoff-max + 30s)")
+	fs.DurationVar(&c.restartTimeout, "restart-timeout", 0, "limit for all clients to come back in each restart, from the new server listening (0: the larger of 60s and 2 x backoff-max + 30s, plus the drain window in shutdown mode)")
 	fs.DurationVar(&c.deadline, "deadline", 10*time.Minute, "limit for the whole run")
 	fs.StringVar(&c.profile, "profile", "", "directory for CPU profiles over the idle window and a heap profile of the server")
 	fs.StringVar(&c.libLog, "lib-log", "error", "level of the library's own log lines")
@@ -230,7 +268,10 @@ func (c *config) resolve() error {
 		c.settle = 2 * c.interval
 	}
 	if c.restartTimeout == 0 {
-		c.restartTimeout = 2*c.backoffMax + 30*time.Second
+		c.restartTimeout = max(minRestartTimeout, 2*c.backoffMax+30*time.Second)
+		if c.restartMode == modeShutdown {
+			c.restartTimeout += c.drainWindow()
+		}
 	}
 	switch {
 	case c.procs < 1 || c.procs > c.n:
@@ -243,21 +284,50 @@ func (c *config) resolve() error {
 		return fmt.Errorf("-timeout %v: must be positive", c.timeout)
 	case c.serverTimeout <= c.interval:
 		return fmt.Errorf("-server-timeout %v: must exceed the ping interval %v", c.serverTimeout, c.interval)
-	case c.backoffBase <= 0 || c.backoffMax < c.backoffBase:
-		return fmt.Errorf("-backoff-base %v, -backoff-max %v: need 0 < base <= max", c.backoffBase, c.backoffMax)
-	case c.backoffMult < 1 || math.IsNaN(c.backoffMult) || math.IsInf(c.backoffMult, 0):
-		return fmt.Errorf("-backoff-mult %v: must be at least 1", c.backoffMult)
-	case c.jitter < 0 || c.jitter > 1 || math.IsNaN(c.jitter):
-		return fmt.Errorf("-jitter %v: must be between 0 and 1", c.jitter)
+	case c.backoffBase < 0 || c.backoffMax < 0:
+		return fmt.Errorf("-backoff-base %v, -backoff-max %v: must not be negative", c.backoffBase, c.backoffMax)
+	case c.backoffBase > 0 && c.backoffMax > 0 && c.backoffMax < c.backoffBase:
+		return fmt.Errorf("-backoff-base %v, -backoff-max %v: need base <= max", c.backoffBase, c.backoffMax)
+	case c.backoffMult != 0 && (c.backoffMult < 1 || math.IsNaN(c.backoffMult) || math.IsInf(c.backoffMult, 0)):
+		return fmt.Errorf("-backoff-mult %v: must be at least 1, or 0 for the library's default", c.backoffMult)
+	case c.jitter > 1 || math.IsNaN(c.jitter):
+		return fmt.Errorf("-jitter %v: must be at most 1", c.jitter)
 	case c.ramp < 0:
 		return fmt.Errorf("-ramp %d: must not be negative", c.ramp)
 	case c.idle < 0 || c.downtime < 0:
 		return errors.New("-idle and -downtime must not be negative")
+	case c.restartMode != modeKill && c.restartMode != modeShutdown:
+		return fmt.Errorf("-restart-mode %q: want %s or %s", c.restartMode, modeKill, modeShutdown)
+	case c.repeat < 1:
+		return fmt.Errorf("-repeat %d: need at least one run", c.repeat)
 	}
 	if _, err := logrus.ParseLevel(c.libLog); err != nil {
 		return fmt.Errorf("-lib-log: %w", err)
 	}
 	return nil
+}
+
+// backoff is the clients' backoff as the flags give it; zero fields take
+// the library's defaults.
+func (c *config) backoff() vgo.Backoff {
+	return vgo.Backoff{
+		BaseDelay:  c.backoffBase,
+		Multiplier: c.backoffMult,
+		Jitter:     c.jitter,
+		MaxDelay:   c.backoffMax,
+	}
+}
+
+// drainWindow is the drain window the server sends with Shutdown, the
+// library's default for 0, or 0 for none.
+func (c *config) drainWindow() time.Duration {
+	switch {
+	case c.drain == 0:
+		return vgo.DefaultDrainWindow
+	case c.drain < 0:
+		return 0
+	}
+	return c.drain
 }
 
 func main() {

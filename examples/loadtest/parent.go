@@ -28,6 +28,11 @@ const (
 	// memory is taken as the baseline; the machine's load over it shows
 	// whether something else is running.
 	baselineSettle = time.Second
+	// cpuSamplePeriod is how often the new server's CPU time is read in
+	// the restart phase, for its busiest second.
+	cpuSamplePeriod = 100 * time.Millisecond
+	// busyWindow is the stretch over which the busiest CPU use is taken.
+	busyWindow = time.Second
 )
 
 // orchestrator is the parent process: it owns the children, keeps the
@@ -47,6 +52,9 @@ type orchestrator struct {
 	ups           []*upMsg
 	lastErrs      []string // each client process's last dial error
 	lastHelloErrs []string // and its last failed hello
+	// epochs holds each client process's latest recording number:
+	// progress from before it counts no client as back.
+	epochs []int64
 	// stopping is set once the children are being stopped, when failing
 	// dials are expected and not worth a warning.
 	stopping bool
@@ -70,6 +78,7 @@ func runParent(ctx context.Context, cfg config, log *logrus.Entry) error {
 		cliProg:  make([]clientsProgress, cfg.procs),
 		ups:      make([]*upMsg, cfg.procs),
 		lastErrs: make([]string, cfg.procs),
+		epochs:   make([]int64, cfg.procs),
 
 		lastHelloErrs: make([]string, cfg.procs),
 	}
@@ -105,7 +114,11 @@ func (o *orchestrator) execute(ctx context.Context) error {
 		return err
 	}
 	if o.cfg.restart {
-		return o.restart(ctx)
+		for run := 1; run <= o.cfg.repeat; run++ {
+			if err := o.restart(ctx, run); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -117,6 +130,7 @@ func (o *orchestrator) startServer(ctx context.Context, addr string) error {
 		"-addr=" + addr,
 		"-interval=" + o.cfg.interval.String(),
 		"-server-timeout=" + o.cfg.serverTimeout.String(),
+		"-drain=" + o.cfg.drain.String(),
 		"-lib-log=" + o.cfg.libLog,
 		"-deadline=" + o.childDeadline(ctx).String(),
 	}
@@ -195,15 +209,22 @@ func (o *orchestrator) totals() (clientsProgress, serverProgress, int) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	var t clientsProgress
-	for _, p := range o.cliProg {
+	for i, p := range o.cliProg {
+		if p.Epoch == o.epochs[i] {
+			t.Back += p.Back
+			t.Settled += p.Settled
+		}
 		t.Connected += p.Connected
 		t.Ever += p.Ever
-		t.Back += p.Back
 		t.Dials += p.Dials
 		t.DialErrors += p.DialErrors
 		t.Disconnects += p.Disconnects
 		t.Pongs += p.Pongs
 		t.HandshakeFails += p.HandshakeFails
+		t.HandshakeTimeouts += p.HandshakeTimeouts
+		t.Connects += p.Connects
+		t.SlowConnects += p.SlowConnects
+		t.MaxConnect = max(t.MaxConnect, p.MaxConnect)
 	}
 	ups := 0
 	for _, u := range o.ups {
@@ -366,6 +387,10 @@ func (o *orchestrator) connect(ctx context.Context) error {
 	o.res.connectDials = t.Dials
 	o.res.connectDialErrors = t.DialErrors
 	o.res.connectHelloFails = t.HandshakeFails
+	o.res.connectHelloTimeouts = t.HandshakeTimeouts
+	o.res.connectConnects = t.Connects
+	o.res.connectSlow = t.SlowConnects
+	o.res.connectMaxConnect = time.Duration(t.MaxConnect)
 	if err != nil {
 		o.diagnose(ctx)
 		return err
@@ -598,67 +623,128 @@ func (o *orchestrator) memory(ctx context.Context) error {
 	return nil
 }
 
-// restart kills the server, starts a new one on the same address after the
-// downtime, and records how the clients come back.
-func (o *orchestrator) restart(ctx context.Context) error {
+// restart stops the server as -restart-mode says, starts a new one on the
+// same address after the downtime, and records how the clients come back.
+// run counts the restarts from 1. Before another run follows, it waits
+// until every client has had a pong on its new connection, which makes the
+// connection healthy in vgo's sense and restarts its backoff: otherwise
+// the next run would continue the backoff of this one.
+func (o *orchestrator) restart(ctx context.Context, run int) error {
 	cfg := o.cfg
-	for _, c := range o.clients {
-		if err := c.request(ctx, cmdRecord, replyTimeout, nil); err != nil {
+	for i, c := range o.clients {
+		var r recordReply
+		if err := c.request(ctx, cmdRecord, replyTimeout, &r); err != nil {
 			return err
 		}
+		o.mu.Lock()
+		o.epochs[i] = r.Epoch
+		o.mu.Unlock()
 	}
-	rr := &restartResult{}
-	o.res.restart = rr
+	rr := &restartResult{run: run}
+	o.res.restarts = append(o.res.restarts, rr)
+	listen0, lerr := readListenCounters()
+	if lerr != nil {
+		o.log.WithField("err", lerr).Warn("cannot read the listen counters")
+	}
 	before, err := o.sampleCPU()
 	if err != nil {
 		return err
 	}
 	// The new server process starts from zero CPU time.
 	before.server = 0
-	o.log.WithField("downtime", cfg.downtime).Info("killing the server")
-	killAt := time.Now()
-	o.server.kill()
-	rr.exited = time.Since(killAt)
+	old := o.server
+	log := o.log.WithFields(logrus.Fields{"run": run, "of": cfg.repeat, "downtime": cfg.downtime})
+	t0 := time.Now()
+	switch cfg.restartMode {
+	case modeKill:
+		log.Info("killing the server")
+		old.kill()
+	case modeShutdown:
+		oldCPU, _ := readCPU(old.pid)
+		log.WithField("drain", cfg.drainWindow()).Info("shutting the server down")
+		var sr shutdownReply
+		if err := old.request(ctx, cmdShutdown, shutdownLimit+replyTimeout, &sr); err != nil {
+			old.kill()
+			return fmt.Errorf("shut the server down: %w", err)
+		}
+		rr.shutdown = &sr
+		rr.shutdownCPU = time.Duration(sr.CPU) - oldCPU
+		rr.shutdownKilled = !old.waitExit(quitGrace)
+	}
+	rr.exited = time.Since(t0)
 	if err := sleep(ctx, cfg.downtime); err != nil {
 		return err
 	}
 	if err := o.startServer(ctx, o.addr); err != nil {
 		return fmt.Errorf("restart server: %w", err)
 	}
-	rr.listening = time.Since(killAt)
-	o.log.WithField("after", rr.listening.Round(time.Millisecond)).Info("server listening again")
+	rr.listening = time.Since(t0)
+	sampler := startCPUSampler(o.server.pid, cpuSamplePeriod)
+	log.WithField("after", rr.listening.Round(time.Millisecond)).Info("server listening again")
 
 	err = o.poll(ctx, "restart", cfg.restartTimeout, func() (bool, logrus.Fields) {
 		t, _, _ := o.totals()
 		return t.Back == int64(cfg.n), logrus.Fields{
+			"run":   run,
 			"back":  t.Back,
-			"since": time.Since(killAt).Round(time.Second),
+			"since": time.Since(t0).Round(time.Second),
 		}
 	})
 	if after, serr := o.sampleCPU(); serr == nil {
 		rr.cpu = after.since(before)
 	}
+	if o.server.isRunning() {
+		rr.serverCPU, _ = readCPU(o.server.pid)
+		if hwm, herr := readHWM(o.server.pid); herr == nil {
+			rr.serverHWM = hwm
+			rr.serverRSS, _ = readRSS(o.server.pid)
+			rr.memOK = true
+		}
+		if serr := o.server.request(ctx, cmdStats, replyTimeout, &rr.serverStats); serr == nil {
+			rr.statsOK = true
+		}
+	}
+	if lerr == nil {
+		if listen1, err := readListenCounters(); err == nil {
+			rr.listen = listen1.sub(listen0)
+			rr.listenOK = true
+		}
+	}
 	// Collect what happened even after a timeout: it shows who is missing.
 	for _, c := range o.clients {
 		var ev eventsReply
-		if rerr := c.request(ctx, cmdEvents+" "+strconv.FormatInt(killAt.UnixNano(), 10), replyTimeout, &ev); rerr != nil {
+		if rerr := c.request(ctx, cmdEvents+" "+strconv.FormatInt(t0.UnixNano(), 10), replyTimeout, &ev); rerr != nil {
+			sampler.finish()
 			return errors.Join(err, rerr)
 		}
 		rr.add(ev)
 	}
 	rr.finish()
+	// The busiest second needs a second of samples, which a quick return
+	// may not have given yet.
+	if left := busyWindow - time.Since(t0.Add(rr.listening)); err == nil && left > 0 {
+		err = sleep(ctx, left)
+	}
+	rr.setBusiest(sampler.finish(), t0)
 	if err != nil {
 		return err
 	}
-	if err := o.server.request(ctx, cmdStats, replyTimeout, &rr.serverStats); err != nil {
-		return err
-	}
 	rr.ok = true
-	o.log.WithFields(logrus.Fields{
-		"all_back_after": rr.allBack.Round(time.Millisecond),
-		"redials":        len(rr.dials),
+	log.WithFields(logrus.Fields{
+		"all_back_after":  rr.allBack.Round(time.Millisecond),
+		"after_listening": rr.backAfterListening().Round(time.Millisecond),
+		"redials":         len(rr.dials),
+		"retry_hints":     rr.retryHints,
+		"throttled":       rr.serverStats.Throttled,
 	}).Info("every client is back")
-	return nil
+	if run == cfg.repeat {
+		return nil
+	}
+	limit := 2*cfg.interval + cfg.timeout + 5*time.Second
+	return o.poll(ctx, "healthy", limit, func() (bool, logrus.Fields) {
+		t, _, _ := o.totals()
+		return t.Settled == int64(cfg.n), logrus.Fields{"run": run, "with_pong": t.Settled}
+	})
 }
 
 // stopAll stops the server first, then the clients, and kills any child

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -14,23 +15,30 @@ import (
 const clockTick = 10 * time.Millisecond
 
 // readRSS returns a process's resident set size (VmRSS) in bytes.
-func readRSS(pid int) (uint64, error) {
+func readRSS(pid int) (uint64, error) { return readStatusKB(pid, "VmRSS") }
+
+// readHWM returns a process's peak resident set size so far (VmHWM) in
+// bytes.
+func readHWM(pid int) (uint64, error) { return readStatusKB(pid, "VmHWM") }
+
+// readStatusKB returns a field of /proc/<pid>/status given in kB, in bytes.
+func readStatusKB(pid int, field string) (uint64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for line := range strings.Lines(string(b)) {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
+		rest, ok := strings.CutPrefix(line, field+":")
 		if !ok {
 			continue
 		}
 		kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("VmRSS of %d: %w", pid, err)
+			return 0, fmt.Errorf("%s of %d: %w", field, pid, err)
 		}
 		return kb << 10, nil
 	}
-	return 0, fmt.Errorf("no VmRSS for %d", pid)
+	return 0, fmt.Errorf("no %s for %d", field, pid)
 }
 
 // readCPU returns the CPU time a process has used so far, user plus system
@@ -146,4 +154,132 @@ func fdLimit(pid int) string {
 		}
 	}
 	return "unknown"
+}
+
+// listenCounters are the machine's counts of connections its listening
+// sockets dropped, from the TcpExt lines of /proc/net/netstat (for the
+// network namespace, which here is the machine's): ListenOverflows counts
+// SYNs and handshake ACKs dropped because an accept queue was full, and
+// ListenDrops every drop at a listener, overflows included. On loopback a
+// dropped SYN is sent again after a second.
+type listenCounters struct {
+	overflows, drops uint64
+}
+
+func readListenCounters() (listenCounters, error) {
+	b, err := os.ReadFile("/proc/net/netstat")
+	if err != nil {
+		return listenCounters{}, err
+	}
+	// Each group is two lines: "TcpExt: Name ...", then "TcpExt: value ...".
+	var names []string
+	for line := range strings.Lines(string(b)) {
+		rest, ok := strings.CutPrefix(line, "TcpExt:")
+		if !ok {
+			continue
+		}
+		if names == nil {
+			names = strings.Fields(rest)
+			continue
+		}
+		values := strings.Fields(rest)
+		if len(values) != len(names) {
+			return listenCounters{}, fmt.Errorf("/proc/net/netstat: %d TcpExt names, %d values", len(names), len(values))
+		}
+		var c listenCounters
+		found := 0
+		for i, name := range names {
+			var dst *uint64
+			switch name {
+			case "ListenOverflows":
+				dst = &c.overflows
+			case "ListenDrops":
+				dst = &c.drops
+			default:
+				continue
+			}
+			if *dst, err = strconv.ParseUint(values[i], 10, 64); err != nil {
+				return listenCounters{}, fmt.Errorf("/proc/net/netstat: %s: %w", name, err)
+			}
+			found++
+		}
+		if found != 2 {
+			return listenCounters{}, fmt.Errorf("/proc/net/netstat: no ListenOverflows or ListenDrops")
+		}
+		return c, nil
+	}
+	return listenCounters{}, fmt.Errorf("/proc/net/netstat: no TcpExt values")
+}
+
+func (c listenCounters) sub(o listenCounters) listenCounters {
+	return listenCounters{overflows: c.overflows - o.overflows, drops: c.drops - o.drops}
+}
+
+// cpuPoint is a process's CPU time at one moment.
+type cpuPoint struct {
+	at  time.Time
+	cpu time.Duration
+}
+
+// cpuSampler reads a process's CPU time at a fixed period, in its own
+// goroutine, until stopped.
+type cpuSampler struct {
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	points []cpuPoint // written by the sampler; read after it stopped
+}
+
+func startCPUSampler(pid int, period time.Duration) *cpuSampler {
+	s := &cpuSampler{stop: make(chan struct{})}
+	s.wg.Go(func() {
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			if cpu, err := readCPU(pid); err == nil {
+				s.points = append(s.points, cpuPoint{time.Now(), cpu})
+			}
+			select {
+			case <-t.C:
+			case <-s.stop:
+				return
+			}
+		}
+	})
+	return s
+}
+
+// finish stops the sampler and returns its samples.
+func (s *cpuSampler) finish() []cpuPoint {
+	close(s.stop)
+	s.wg.Wait()
+	return s.points
+}
+
+// busiestCPU returns the most CPU time the samples show used over any
+// stretch of at least w between two of them, as a share of that stretch,
+// and where the stretch starts. With less than w sampled it takes the whole
+// span. It reports false for fewer than two samples.
+func busiestCPU(points []cpuPoint, w time.Duration) (share float64, from time.Time, span time.Duration, ok bool) {
+	if len(points) < 2 {
+		return 0, time.Time{}, 0, false
+	}
+	first, last := points[0], points[len(points)-1]
+	if last.at.Sub(first.at) < w {
+		span = last.at.Sub(first.at)
+		return (last.cpu - first.cpu).Seconds() / span.Seconds(), first.at, span, span > 0
+	}
+	j := 0
+	for i, p := range points {
+		for j < len(points) && points[j].at.Sub(p.at) < w {
+			j++
+		}
+		if j == len(points) {
+			break
+		}
+		d := points[j].at.Sub(p.at)
+		if r := (points[j].cpu - p.cpu).Seconds() / d.Seconds(); !ok || r > share {
+			share, from, span, ok = r, points[i].at, d, true
+		}
+	}
+	return share, from, span, ok
 }

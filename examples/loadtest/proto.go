@@ -35,17 +35,18 @@ const (
 )
 
 // Commands. The server takes stats, gc, profile-start, profile-stop,
-// heap-profile and quit; a client process takes rtt, record, events,
-// profile-start, profile-stop and quit.
+// heap-profile, shutdown and quit; a client process takes rtt, record,
+// events, profile-start, profile-stop and quit.
 const (
 	cmdStats        = "stats"         // serverStats
 	cmdGC           = "gc"            // collect garbage, return it to the OS, then serverStats
 	cmdRTT          = "rtt"           // rttReply; starts a new window
-	cmdRecord       = "record"        // start recording dials and connects
+	cmdRecord       = "record"        // start recording dials and connects; recordReply
 	cmdEvents       = "events"        // events <t0 in Unix ns>: eventsReply
 	cmdProfileStart = "profile-start" // profile-start <file>
 	cmdProfileStop  = "profile-stop"
 	cmdHeapProfile  = "heap-profile" // heap-profile <file>
+	cmdShutdown     = "shutdown"     // vgo Server.Shutdown, shutdownReply, then exit
 	cmdQuit         = "quit"
 )
 
@@ -79,9 +80,27 @@ type serverStats struct {
 	// listener counts as one.
 	AcceptErrors  uint64 `json:"accept_errors"`
 	LastAcceptErr string `json:"last_accept_err,omitempty"`
+	// From vgo.ServerStats.
+	Accepted  uint64 `json:"accepted"`  // connections accepted, refused ones included
+	Refused   uint64 `json:"refused"`   // refused at the connection limit
+	Throttled uint64 `json:"throttled"` // refused with a retry hint
+}
+
+// shutdownReply is how the server's graceful stop went, from the server
+// process, just before it exits.
+type shutdownReply struct {
+	Conns int    `json:"conns"` // open connections when Shutdown began
+	Took  int64  `json:"took"`  // nanoseconds Shutdown took
+	Err   string `json:"err,omitempty"`
+	// CPU is the process's CPU time, user plus system, when Shutdown
+	// returned, in nanoseconds.
+	CPU int64 `json:"cpu"`
 }
 
 type clientsProgress struct {
+	// Epoch is the number of the latest record command, which Back and
+	// Settled count since.
+	Epoch       int64  `json:"epoch"`
 	Connected   int64  `json:"connected"`   // clients connected now
 	Ever        int64  `json:"ever"`        // clients that have connected at least once
 	Back        int64  `json:"back"`        // clients that connected since record
@@ -90,9 +109,20 @@ type clientsProgress struct {
 	Disconnects int64  `json:"disconnects"` // lost connections
 	Pongs       int64  `json:"pongs"`
 	LastDialErr string `json:"last_dial_err,omitempty"`
-	// Attempts whose TCP connect succeeded but whose hello did not.
+	// Attempts whose TCP connect succeeded but whose hello did not, other
+	// than those a busy server refused with a retry hint.
 	HandshakeFails   int64  `json:"handshake_fails"`
 	LastHandshakeErr string `json:"last_handshake_err,omitempty"`
+	// Hellos cut short by the handshake timeout.
+	HandshakeTimeouts int64 `json:"handshake_timeouts"`
+	// Settled counts the clients back since record that have had a pong
+	// since: their connection is healthy, and their backoff starts afresh.
+	Settled int64 `json:"settled"`
+	// TCP connects timed by the dial function: how many, how many took
+	// slowConnect or more, and the longest, in nanoseconds.
+	Connects     int64 `json:"connects"`
+	SlowConnects int64 `json:"slow_connects"`
+	MaxConnect   int64 `json:"max_connect"`
 }
 
 // upMsg times a client process's connect phase, in Unix nanoseconds: from
@@ -107,6 +137,10 @@ type rttReply struct {
 	Total  rttSnapshot `json:"total"`  // since the process started
 }
 
+type recordReply struct {
+	Epoch int64 `json:"epoch"` // the recording's number, as progress will carry it
+}
+
 // eventsReply lists what the clients did since record, in nanoseconds
 // relative to the t0 of the events command.
 type eventsReply struct {
@@ -116,6 +150,13 @@ type eventsReply struct {
 	Missing    int     `json:"missing"`     // clients not back yet
 	Causes     []cause `json:"causes"`      // disconnect causes since record
 	DialErrors int64   `json:"dial_errors"` // failed dials since record
+
+	// Counted since record, like those above.
+	RetryHints        uint64 `json:"retry_hints"`        // sum of vgo.ClientStats.RetryHints
+	HandshakeTimeouts int64  `json:"handshake_timeouts"` // hellos cut short by the handshake timeout
+	Connects          int64  `json:"connects"`           // TCP connects timed
+	SlowConnects      int64  `json:"slow_connects"`      // of which took slowConnect or more
+	MaxConnect        int64  `json:"max_connect"`        // the longest, in nanoseconds
 }
 
 type cause struct {
@@ -181,11 +222,16 @@ func (c *commands) stop() {
 	c.wg.Wait()
 }
 
+// errQuit is returned by a command handler that has answered its command
+// and wants the process to stop, as after quit.
+var errQuit = errors.New("quit")
+
 // serveCommands answers the parent's commands until it says quit, goes
 // away, or ctx ends, and then returns nil. It returns the first error that
 // arrives on failed (nil for none) or that answering a command gives.
 // handle answers the role's own commands and reports false for a name it
-// does not know; profiling and quit are the same for every role.
+// does not know, and returns errQuit to stop as quit does; profiling and
+// quit are the same for every role.
 func serveCommands(ctx context.Context, log logrus.FieldLogger, cmds *commands, out *output,
 	failed <-chan error, handle func(name, arg string) (bool, error)) error {
 	var prof profiler
@@ -219,6 +265,10 @@ func serveCommands(ctx context.Context, log logrus.FieldLogger, cmds *commands, 
 				if known, err = handle(name, arg); !known {
 					err = out.send(msgError, fmt.Sprintf("unknown command %q", line))
 				}
+			}
+			if errors.Is(err, errQuit) {
+				log.Info("stopping")
+				return nil
 			}
 			if err != nil {
 				return err

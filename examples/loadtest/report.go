@@ -14,10 +14,18 @@ import (
 
 // Targets the project set for these figures.
 const (
-	targetMemPerConn  = 16 << 10 // bytes of server memory per idle connection
-	targetCPU         = 10.0     // % of one core for heartbeats, 19,000 conns at 5s
-	targetBackSlack   = 2 * time.Second
-	targetWindowShare = 20.0 // % of the redials in any 1 s window
+	targetMemPerConn = 16 << 10 // bytes of server memory per idle connection
+	targetCPU        = 10.0     // % of one core for heartbeats, 19,000 conns at 5s
+	// After a SIGKILL, every client is back within this long of the new
+	// server listening.
+	targetBackKill = 5 * time.Second
+	// After a Shutdown, within the drain window plus this long.
+	targetBackDrainSlack = time.Second
+	// A lone client, over targetLoneRuns restarts or more: the median and
+	// the longest return after the new server listens.
+	targetLoneRuns   = 5
+	targetLoneMedian = 1500 * time.Millisecond
+	targetLoneMax    = 2500 * time.Millisecond
 )
 
 const (
@@ -47,6 +55,11 @@ type results struct {
 	lastHelloErrs     []string // the last failed hello in each client process
 	connectHelloFails int64
 	diag              diagnosis // taken when the connect phase fails
+	// Handshake timeouts and TCP connect times over the connect phase.
+	connectHelloTimeouts int64
+	connectConnects      int64
+	connectSlow          int64
+	connectMaxConnect    time.Duration
 
 	memOK                 bool
 	rssBase, rssConns     uint64
@@ -68,7 +81,7 @@ type results struct {
 	idleConns        int
 	rttIdle          rttSnapshot
 
-	restart *restartResult
+	restarts []*restartResult // one per restart run, in order
 }
 
 // diagnosis is the server's state when not every client could connect.
@@ -80,20 +93,50 @@ type diagnosis struct {
 	stats   serverStats
 }
 
-// restartResult is the restart phase; times are since the SIGKILL.
+// restartResult is one run of the restart phase; times are since the stop
+// began: the SIGKILL, or the shutdown command.
 type restartResult struct {
-	ok          bool
-	exited      time.Duration
-	listening   time.Duration
-	dials       []int64 // each call of a client's dial function
-	scheduled   []int64 // each WithOnReconnect, plus its delay
-	back        []int64 // each client's first connect
-	missing     int
-	dialErrors  int64
-	causes      map[string]int
-	allBack     time.Duration
-	serverStats serverStats
-	cpu         *cpuUsage // from the kill until all are back
+	run        int  // from 1
+	ok         bool // every client came back
+	exited     time.Duration
+	listening  time.Duration
+	dials      []int64 // each call of a client's dial function
+	scheduled  []int64 // each WithOnReconnect, plus its delay
+	back       []int64 // each client's first connect
+	missing    int
+	dialErrors int64
+	causes     map[string]int
+	allBack    time.Duration
+	cpu        *cpuUsage // from the stop until all are back; server is the new one
+
+	// Shutdown mode: the old server's report, the CPU its Shutdown took,
+	// and whether it had to be killed after it.
+	shutdown       *shutdownReply
+	shutdownCPU    time.Duration
+	shutdownKilled bool
+
+	// The new server, when all were back (or at the time limit).
+	statsOK              bool
+	serverStats          serverStats
+	memOK                bool
+	serverHWM, serverRSS uint64
+	serverCPU            time.Duration
+	// Its busiest stretch of busyWindow: a share of one core, from when
+	// (since the stop), over how long; busyOK if sampled.
+	busyShare        float64
+	busyFrom, busyOn time.Duration
+	busyOK           bool
+
+	// The client processes, since record.
+	retryHints        uint64
+	handshakeTimeouts int64
+	connects          int64
+	slowConnects      int64
+	maxConnect        time.Duration
+
+	// The machine's listen queue drops over the run.
+	listen   listenCounters
+	listenOK bool
 }
 
 func (r *restartResult) add(ev eventsReply) {
@@ -102,6 +145,11 @@ func (r *restartResult) add(ev eventsReply) {
 	r.back = append(r.back, ev.Back...)
 	r.missing += ev.Missing
 	r.dialErrors += ev.DialErrors
+	r.retryHints += ev.RetryHints
+	r.handshakeTimeouts += ev.HandshakeTimeouts
+	r.connects += ev.Connects
+	r.slowConnects += ev.SlowConnects
+	r.maxConnect = max(r.maxConnect, time.Duration(ev.MaxConnect))
 	if r.causes == nil {
 		r.causes = make(map[string]int)
 	}
@@ -117,6 +165,59 @@ func (r *restartResult) finish() {
 	if len(r.back) > 0 {
 		r.allBack = time.Duration(r.back[len(r.back)-1])
 	}
+}
+
+// backAfterListening is how long after the new server listened the last
+// client came back.
+func (r *restartResult) backAfterListening() time.Duration { return r.allBack - r.listening }
+
+// setBusiest finds the new server's busiest second in its CPU samples; t0
+// is when the stop began.
+func (r *restartResult) setBusiest(points []cpuPoint, t0 time.Time) {
+	share, from, span, ok := busiestCPU(points, busyWindow)
+	if !ok {
+		return
+	}
+	r.busyShare, r.busyFrom, r.busyOn, r.busyOK = share, from.Sub(t0), span, true
+}
+
+// returns lists the back-after-listening times of the runs in which every
+// client came back, in the order of the runs.
+func returns(runs []*restartResult) []time.Duration {
+	var ds []time.Duration
+	for _, r := range runs {
+		if r.ok {
+			ds = append(ds, r.backAfterListening())
+		}
+	}
+	return ds
+}
+
+// median returns the middle of ds, or the mean of the two middle values.
+func median(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Sorted(slices.Values(ds))
+	if n := len(s); n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[len(s)/2]
+}
+
+// detailed picks the run whose every figure the summary prints: one that
+// failed, or else the slowest.
+func detailed(runs []*restartResult) *restartResult {
+	var pick *restartResult
+	for _, r := range runs {
+		switch {
+		case !r.ok:
+			return r
+		case pick == nil || r.backAfterListening() > pick.backAfterListening():
+			pick = r
+		}
+	}
+	return pick
 }
 
 // rttHist counts round-trip times in logarithmic buckets, from many
@@ -283,8 +384,8 @@ func printSummary(w io.Writer, cfg config, r *results) {
 		t.row("error", r.failure, "")
 	}
 	tw.Flush()
-	if rr := r.restart; rr != nil && len(rr.dials) > 0 {
-		printHistogram(w, rr.dials)
+	if rr := detailed(r.restarts); rr != nil && len(rr.dials) > 0 {
+		printHistogram(w, cfg, rr)
 	}
 }
 
@@ -298,12 +399,22 @@ func printConfig(t table, cfg config, r *results) {
 	t.row("server address (-addr)", cfg.addr, "flag")
 	t.row("ping interval / pong timeout", fmt.Sprintf("%v / %v", cfg.interval, cfg.timeout), "flags -interval, -timeout")
 	t.row("server heartbeat timeout", cfg.serverTimeout.String(), "flag -server-timeout")
-	jitter := fmt.Sprintf("±%g%%", 100*cfg.jitter)
-	if cfg.jitter == 0 {
+	orDefault := func(set bool, v string) string {
+		if !set {
+			return "default"
+		}
+		return v
+	}
+	jitter := orDefault(cfg.jitter != 0, fmt.Sprintf("±%g%%", 100*cfg.jitter))
+	if cfg.jitter < 0 {
 		jitter = "none"
 	}
-	t.row("backoff", fmt.Sprintf("base %v, x%g, jitter %s, max %v", cfg.backoffBase, cfg.backoffMult, jitter, cfg.backoffMax),
-		"flags -backoff-*, -jitter")
+	backoff := fmt.Sprintf("base %s, multiplier %s, jitter %s, max %s",
+		orDefault(cfg.backoffBase != 0, cfg.backoffBase.String()),
+		orDefault(cfg.backoffMult != 0, fmt.Sprint(cfg.backoffMult)),
+		jitter,
+		orDefault(cfg.backoffMax != 0, cfg.backoffMax.String()))
+	t.row("client backoff", backoff, "flags -backoff-*, -jitter; default: vgo.Backoff's")
 	ramp := fmt.Sprintf("%d dials in flight per process", cfg.ramp)
 	if cfg.ramp == 0 {
 		ramp = "all at once"
@@ -312,9 +423,17 @@ func printConfig(t table, cfg config, r *results) {
 	t.row("settle / idle window", fmt.Sprintf("%v / %v", cfg.settle, cfg.idle), "flags -settle, -idle")
 	restart := "off"
 	if cfg.restart {
-		restart = fmt.Sprintf("on, downtime %v", cfg.downtime)
+		restart = fmt.Sprintf("%s, downtime %v, %d run(s), limit %v each", cfg.restartMode, cfg.downtime, cfg.repeat, cfg.restartTimeout)
 	}
-	t.row("restart phase", restart, "flags -restart, -downtime")
+	t.row("restart phase", restart, "flags -restart, -restart-mode, -downtime, -repeat, -restart-timeout")
+	drain := "none"
+	if w := cfg.drainWindow(); w > 0 {
+		drain = w.String()
+		if cfg.drain == 0 {
+			drain += " (vgo.DefaultDrainWindow)"
+		}
+	}
+	t.row("server drain window", drain, "flag -drain; sent by Shutdown")
 	t.row("environment", r.environment, "parent process")
 	t.row("started", r.started.Format(time.RFC3339), "parent process")
 	if u := r.baselineCPU; u != nil {
@@ -347,6 +466,9 @@ func printConnect(t table, cfg config, r *results) {
 	t.row("time to connect all", secs(r.connectTime), "client processes: first Start to last first connect")
 	t.row("rate", fmt.Sprintf("%.0f conns/s", float64(cfg.n)/r.connectTime.Seconds()), "")
 	t.row("dials", fmt.Sprint(r.connectDials), "client processes, dial function")
+	t.row(fmt.Sprintf("TCP connects / taking >= %v / longest", slowConnect),
+		fmt.Sprintf("%d / %d / %s", r.connectConnects, r.connectSlow, secs(r.connectMaxConnect)), "client processes, dial function")
+	t.row("handshake timeouts", fmt.Sprint(r.connectHelloTimeouts), "client processes, a read or write timing out before the server's hello")
 	if u := r.connectCPU; u != nil {
 		t.row("CPU window", secs(u.window), "parent clock, client processes' start to all connected")
 		printUsage(t, u, true)
@@ -448,23 +570,67 @@ func roundRTT(d time.Duration) time.Duration {
 }
 
 func printRestart(t table, cfg config, r *results) {
-	rr := r.restart
-	if rr == nil {
+	if len(r.restarts) == 0 {
 		return
 	}
-	t.section("Restart (t = 0 at the server's SIGKILL)\t\t")
-	t.row("old server reaped", secs(rr.exited), "parent clock")
+	if cfg.repeat > 1 {
+		printRuns(t, cfg, r.restarts)
+	}
+	rr := detailed(r.restarts)
+	title := "Restart (t = 0 at the server's SIGKILL"
+	if cfg.restartMode == modeShutdown {
+		title = "Restart (t = 0 when the server was asked to shut down"
+	}
+	if cfg.repeat > 1 {
+		which := "the slowest"
+		if !rr.ok {
+			which = "incomplete"
+		}
+		title += fmt.Sprintf("; run %d of %d, %s", rr.run, cfg.repeat, which)
+	}
+	t.section(title + ")\t\t")
+	if sr := rr.shutdown; sr != nil {
+		took := fmt.Sprintf("%s with %d conns, %v CPU", secs(time.Duration(sr.Took)), sr.Conns, rr.shutdownCPU)
+		if sr.Err != "" {
+			took += ", failed: " + sr.Err
+		}
+		t.row("old server's Shutdown", took, "old server process, vgo.Server.Shutdown, /proc/<pid>/stat")
+		exited := secs(rr.exited)
+		if rr.shutdownKilled {
+			exited += fmt.Sprintf(" (killed: still running %v after Shutdown)", quitGrace)
+		}
+		t.row("old server exited", exited, "parent clock")
+	} else {
+		t.row("old server reaped", secs(rr.exited), "parent clock")
+	}
 	t.row("new server listening", secs(rr.listening), "parent clock")
 	t.row("clients back", fmt.Sprintf("%d of %d", len(rr.back), cfg.n), "client processes, WithOnConnect")
 	if len(rr.back) > 0 {
 		t.row("first / median / last back", fmt.Sprintf("%s / %s / %s",
 			secs(time.Duration(rr.back[0])), secs(time.Duration(rr.back[len(rr.back)/2])), secs(rr.allBack)),
 			"client processes, WithOnConnect")
-		t.row("all back after listening again", secs(rr.allBack-rr.listening), "")
+		t.row("all back after listening again", secs(rr.backAfterListening()), "")
 	}
 	t.row("redials (dial attempts)", fmt.Sprintf("%d, %d failed", len(rr.dials), rr.dialErrors),
 		"client processes, dial function")
 	t.row("WithOnReconnect calls", fmt.Sprint(len(rr.scheduled)), "client processes")
+	t.row("retry hints received", fmt.Sprint(rr.retryHints), "client processes, sum of vgo.ClientStats.RetryHints")
+	if rr.statsOK {
+		st := rr.serverStats
+		t.row("new server: throttled / refused / accepted", fmt.Sprintf("%d / %d / %d", st.Throttled, st.Refused, st.Accepted),
+			"new server process, vgo.ServerStats")
+		if st.AcceptErrors > 0 {
+			t.row("new server: failed accepts", fmt.Sprintf("%d, last: %s", st.AcceptErrors, st.LastAcceptErr), "new server process, listener")
+		}
+	}
+	t.row("handshake timeouts", fmt.Sprint(rr.handshakeTimeouts),
+		"client processes, a read or write timing out before the server's hello")
+	t.row(fmt.Sprintf("TCP connects / taking >= %v / longest", slowConnect),
+		fmt.Sprintf("%d / %d / %s", rr.connects, rr.slowConnects, secs(rr.maxConnect)), "client processes, dial function")
+	if rr.listenOK {
+		t.row("ListenOverflows / ListenDrops", fmt.Sprintf("+%d / +%d", rr.listen.overflows, rr.listen.drops),
+			"/proc/net/netstat TcpExt, whole machine, over the run")
+	}
 	if n := len(rr.dials); n > 0 {
 		c, at := busiestWindow(rr.dials, shareWindow)
 		t.row("busiest 1 s of redials", fmt.Sprintf("%d = %.1f%% of redials, from %s", c, pct(float64(c), float64(n)), secs(time.Duration(at))),
@@ -486,13 +652,45 @@ func printRestart(t table, cfg config, r *results) {
 	}
 	sort.Strings(causes)
 	t.row("disconnect causes", strings.Join(causes, "; "), "client processes, WithOnDisconnect")
-	if rr.ok {
-		t.row("server conns after restart", fmt.Sprint(rr.serverStats.Conns), "server process")
+	if rr.statsOK {
+		t.row("server conns after restart", fmt.Sprint(rr.serverStats.Conns), "new server process")
+	}
+	if rr.memOK {
+		t.row("new server peak VmRSS (VmHWM) / VmRSS at the end", fmt.Sprintf("%s / %s", mib(rr.serverHWM), mib(rr.serverRSS)),
+			"new server process, /proc/<pid>/status")
+	}
+	if rr.busyOK {
+		over := ""
+		if rr.busyOn < busyWindow {
+			over = fmt.Sprintf(" (over the %s sampled)", secs(rr.busyOn))
+		}
+		t.row("new server's busiest 1 s of CPU", fmt.Sprintf("%.1f%% of one core from %s%s", 100*rr.busyShare, secs(rr.busyFrom), over),
+			fmt.Sprintf("new server process, /proc/<pid>/stat every %v", cpuSamplePeriod))
 	}
 	if u := rr.cpu; u != nil {
-		t.row("CPU window", secs(u.window), "parent clock, kill to all back")
+		t.row("CPU window", secs(u.window), "parent clock, stop to all back; server: the new one since its start")
 		printUsage(t, u, true)
 	}
+}
+
+// printRuns prints one line for each restart run, and the median and
+// longest return after the new server listened.
+func printRuns(t table, cfg config, runs []*restartResult) {
+	t.section(fmt.Sprintf("Restart runs (-repeat %d; each: t = 0 when the stop began)\t\t", cfg.repeat))
+	for _, rr := range runs {
+		back := fmt.Sprintf("%d of %d back by the limit", len(rr.back), cfg.n)
+		if rr.ok {
+			back = fmt.Sprintf("all back after listening again %s (at %s)", secs(rr.backAfterListening()), secs(rr.allBack))
+		}
+		t.row(fmt.Sprintf("run %d", rr.run), fmt.Sprintf("listening %s, %s; %d redials, %d retry hints, %d throttled, %d handshake timeouts, %d slow connects",
+			secs(rr.listening), back, len(rr.dials), rr.retryHints, rr.serverStats.Throttled, rr.handshakeTimeouts, rr.slowConnects),
+			"parent clock, client and new server processes")
+	}
+	ds := returns(runs)
+	if len(ds) == 0 {
+		return
+	}
+	t.row("all back after listening again: median / max", fmt.Sprintf("%s / %s over %d runs", secs(median(ds)), secs(slices.Max(ds)), len(ds)), "")
 }
 
 func printTargets(t table, cfg config, r *results) {
@@ -512,28 +710,79 @@ func printTargets(t table, cfg config, r *results) {
 		cli := pct(sum(u.clients).Seconds(), u.window.Seconds())
 		t.row("same, client processes (for reference)", fmt.Sprintf("%.2f%%", cli), verdict(cli < targetCPU))
 	}
-	if rr := r.restart; rr != nil {
-		back := len(rr.back) == cfg.n
-		measured := fmt.Sprintf("%s after the kill, %d of %d", secs(rr.allBack), len(rr.back), cfg.n)
-		limit := cfg.backoffMax + targetBackSlack
-		t.row(fmt.Sprintf("all back within backoff max + 2 s (%v)", limit), measured, verdict(back && rr.allBack <= limit))
-		// vgo caps a wait before it applies the jitter, so the longest
-		// possible wait is MaxDelay * (1 + Jitter).
-		if cfg.jitter > 0 {
-			longest := time.Duration(float64(cfg.backoffMax)*(1+cfg.jitter)) + targetBackSlack
-			t.row(fmt.Sprintf("  same with max = longest wait, max x (1+jitter) (%v)", longest), measured,
-				verdict(back && rr.allBack <= longest))
-		}
-		if n := len(rr.dials); n > 0 {
-			c, _ := busiestWindow(rr.dials, shareWindow)
-			share := pct(float64(c), float64(n))
-			t.row("no 1 s window > 20% of redials", fmt.Sprintf("%.1f%%", share), verdict(share <= targetWindowShare))
-		}
+	if len(r.restarts) > 0 {
+		printRestartTargets(t, cfg, r.restarts)
 	}
 }
 
-// printHistogram prints redials per 100 ms bucket, one second per row.
-func printHistogram(w io.Writer, ts []int64) {
+// printRestartTargets judges every run of the restart phase: a target
+// holds only if it held in each run.
+func printRestartTargets(t table, cfg config, runs []*restartResult) {
+	ds := returns(runs)
+	complete := len(ds) == len(runs) && len(runs) == cfg.repeat
+	worst := time.Duration(0)
+	if len(ds) > 0 {
+		worst = slices.Max(ds)
+	}
+	measured := secs(worst)
+	if cfg.repeat > 1 {
+		measured = fmt.Sprintf("max %s over %d runs", secs(worst), len(ds))
+	}
+	if !complete {
+		measured = fmt.Sprintf("%d of %d runs had every client back", len(ds), cfg.repeat)
+	}
+	label := fmt.Sprintf("all back within %v of the new server listening", targetBackKill)
+	limit := targetBackKill
+	if cfg.restartMode == modeShutdown {
+		if w := cfg.drainWindow(); w > 0 {
+			limit = w + targetBackDrainSlack
+			label = fmt.Sprintf("all back within drain window + %v (%v) of the new server listening", targetBackDrainSlack, limit)
+		} else {
+			label += " (no drain window)"
+		}
+	}
+	if cfg.backoffBase != 0 || cfg.backoffMax != 0 || cfg.backoffMult != 0 || cfg.jitter != 0 {
+		measured += " (target is for the library's default backoff)"
+	}
+	t.row(label, measured, verdict(complete && worst <= limit))
+
+	var timeouts, slow int64
+	var longest time.Duration
+	var listen listenCounters
+	listenOK := true
+	for _, rr := range runs {
+		timeouts += rr.handshakeTimeouts
+		slow += rr.slowConnects
+		longest = max(longest, rr.maxConnect)
+		listen.overflows += rr.listen.overflows
+		listen.drops += rr.listen.drops
+		listenOK = listenOK && rr.listenOK
+	}
+	t.row("no handshake timeouts (client processes)", fmt.Sprint(timeouts), verdict(timeouts == 0))
+	t.row(fmt.Sprintf("no TCP connect taking >= %v (client processes)", slowConnect),
+		fmt.Sprintf("%d, longest %s", slow, secs(longest)), verdict(slow == 0))
+	if listenOK {
+		t.row("no ListenOverflows / ListenDrops (machine)", fmt.Sprintf("+%d / +%d", listen.overflows, listen.drops),
+			verdict(listen.overflows == 0 && listen.drops == 0))
+	} else {
+		t.row("no ListenOverflows / ListenDrops (machine)", "not measured", "")
+	}
+	if cfg.n == 1 && cfg.repeat >= targetLoneRuns {
+		med := "no complete run"
+		if len(ds) > 0 {
+			med = secs(median(ds))
+		}
+		t.row(fmt.Sprintf("lone client: median back after listening <= %v", targetLoneMedian), med,
+			verdict(complete && median(ds) <= targetLoneMedian))
+		t.row(fmt.Sprintf("lone client: max back after listening <= %v", targetLoneMax), secs(worst),
+			verdict(complete && worst <= targetLoneMax))
+	}
+}
+
+// printHistogram prints a run's redials per 100 ms bucket, one second per
+// row.
+func printHistogram(w io.Writer, cfg config, rr *restartResult) {
+	ts := rr.dials
 	last := max(ts[len(ts)-1], 0)
 	buckets := make([]int, last/int64(histogramBucket)+1)
 	before := 0
@@ -544,9 +793,16 @@ func printHistogram(w io.Writer, ts []int64) {
 		}
 		buckets[t/int64(histogramBucket)]++
 	}
-	fmt.Fprintf(w, "\nRedials per 100 ms since the SIGKILL (client processes, dial function)\n")
+	since, run := "the SIGKILL", ""
+	if cfg.restartMode == modeShutdown {
+		since = "the shutdown command"
+	}
+	if cfg.repeat > 1 {
+		run = fmt.Sprintf(", run %d", rr.run)
+	}
+	fmt.Fprintf(w, "\nRedials per 100 ms since %s (client processes, dial function%s)\n", since, run)
 	if before > 0 {
-		fmt.Fprintf(w, "  before the kill: %d\n", before)
+		fmt.Fprintf(w, "  before the stop: %d\n", before)
 	}
 	fmt.Fprintf(w, "  %6s", "second")
 	for i := range histogramPerRow {
