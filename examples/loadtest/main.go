@@ -101,6 +101,12 @@
 //	-drain           the server's drain window, sent to the clients by
 //	                 Shutdown (default 0: the library's,
 //	                 vgo.DefaultDrainWindow; negative: none)
+//	-max-handshakes  the server's bound on connections in their handshake,
+//	                 beyond which it answers with a retry hint (default 0:
+//	                 the library's, vgo.DefaultMaxHandshakes; negative: none)
+//	-retry-after     the server's retry hint, drawn between half and one and
+//	                 a half times this (default 0: the library's,
+//	                 vgo.DefaultRetryAfter)
 //	-downtime        how long the server stays down, from the old process's
 //	                 exit to the new one's start (default 1s)
 //	-repeat          restart phases in a row (default 1)
@@ -181,6 +187,8 @@ type config struct {
 	restart        bool
 	restartMode    string
 	drain          time.Duration // 0: the library's default; negative: none
+	maxHandshakes  int           // 0: the library's default; negative: no bound
+	retryAfter     time.Duration // 0: the library's default
 	downtime       time.Duration
 	repeat         int
 	connectTimeout time.Duration
@@ -219,6 +227,8 @@ func parseFlags() (config, error) {
 	fs.DurationVar(&c.idle, "idle", 20*time.Second, "idle measuring window (0: skip)")
 	fs.BoolVar(&c.restart, "restart", true, "stop and restart the server and time the clients' return")
 	fs.StringVar(&c.restartMode, "restart-mode", modeKill, "how the restart phase stops the server: kill (SIGKILL) or shutdown (vgo Server.Shutdown, then exit)")
+	fs.IntVar(&c.maxHandshakes, "max-handshakes", 0, "the server's bound on connections in their handshake, beyond which it answers with a retry hint (0: the library's default, vgo.DefaultMaxHandshakes; negative: no bound)")
+	fs.DurationVar(&c.retryAfter, "retry-after", 0, "the server's retry hint, drawn between half and one and a half times this (0: the library's default, vgo.DefaultRetryAfter)")
 	fs.DurationVar(&c.drain, "drain", 0, "the server's drain window, sent to the clients by Shutdown (0: the library's default, vgo.DefaultDrainWindow; negative: none)")
 	fs.DurationVar(&c.downtime, "downtime", time.Second, "how long the server stays down in the restart phase, from the old process's exit")
 	fs.IntVar(&c.repeat, "repeat", 1, "restart phases in a row")

@@ -131,6 +131,8 @@ func (o *orchestrator) startServer(ctx context.Context, addr string) error {
 		"-interval=" + o.cfg.interval.String(),
 		"-server-timeout=" + o.cfg.serverTimeout.String(),
 		"-drain=" + o.cfg.drain.String(),
+		"-max-handshakes=" + strconv.Itoa(o.cfg.maxHandshakes),
+		"-retry-after=" + o.cfg.retryAfter.String(),
 		"-lib-log=" + o.cfg.libLog,
 		"-deadline=" + o.childDeadline(ctx).String(),
 	}

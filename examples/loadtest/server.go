@@ -29,6 +29,7 @@ func runServer(ctx context.Context, cfg config, log *logrus.Entry) error {
 		vgo.WithLogger(libLogger(cfg, log)),
 		vgo.WithHeartbeatTimeout(cfg.serverTimeout),
 		vgo.WithDrainWindow(cfg.drain),
+		vgo.WithAdmission(cfg.maxHandshakes, cfg.retryAfter),
 		vgo.WithOnPing(func(*vgo.Conn) { pings.Add(1) }),
 		vgo.WithOnConnOpen(func(*vgo.Conn) { opened.Add(1) }),
 		vgo.WithOnConnClose(func(_ *vgo.Conn, err error) {
