@@ -336,11 +336,13 @@ func TestBroadcastNotHeldByStuckPeer(t *testing.T) {
 		r.mu.Unlock()
 	}
 	t.Logf("slowest broadcast %v; longest gap at a healthy client %v", slowest, worstGap)
-	// The stuck peer used to hold every broadcast for the write timeout;
-	// now the healthy clients see the broadcasts as they are made, every
-	// 10 ms (measured: gaps of 15 to 25 ms, also with two CPU hogs).
-	assert.Less(t, slowest, 100*time.Millisecond)
-	assert.Less(t, worstGap, 100*time.Millisecond)
+	// The stuck peer used to hold a broadcast for the write timeout; now
+	// the healthy clients see the broadcasts as they are made, every 10 ms
+	// (measured: gaps of 15 to 25 ms, and up to 125 ms on a machine busy
+	// with more than the test). Half the write timeout tells the two apart
+	// however loaded the machine.
+	assert.Less(t, slowest, writeTimeout/2)
+	assert.Less(t, worstGap, writeTimeout/2)
 }
 
 func TestTLSTeardownDoesNotWaitOnStalledPeer(t *testing.T) {
