@@ -77,6 +77,26 @@ type reconnectWait struct {
 	delay   time.Duration
 }
 
+// reportWaits returns a client option that sends each wait the client
+// announces on the returned channel.
+func reportWaits() (ClientOption, <-chan reconnectWait) {
+	ch := make(chan reconnectWait, 100)
+	return WithOnReconnect(func(attempt int, d time.Duration) { ch <- reconnectWait{attempt, d} }), ch
+}
+
+// expectWaits checks that the client announces the waits in want, in
+// order, and that each separates two dials exactly.
+func expectWaits(t *testing.T, dials <-chan time.Time, waits <-chan reconnectWait, want []reconnectWait) {
+	t.Helper()
+	prev := awaitFake(t, dials)
+	for i, w := range want {
+		assert.Equal(t, w, awaitFake(t, waits), "wait %d", i)
+		next := awaitFake(t, dials)
+		assert.Equal(t, w.delay, next.Sub(prev), "time before dial %d", i+2)
+		prev = next
+	}
+}
+
 func TestSynctestRetryHintReplacesBackoffStep(t *testing.T) {
 	// A refusal with a hint is not a failure: the client waits as hinted
 	// (never longer than its MaxDelay), the attempt count and the backoff
@@ -93,11 +113,10 @@ func TestSynctestRetryHintReplacesBackoffStep(t *testing.T) {
 			nil,                           // fails: wait 5 s
 			helloThenHold,
 		)
-		waits := make(chan reconnectWait, 100)
+		report, waits := reportWaits()
 		connected := make(chan struct{}, 1)
 		c := newPipeClient(t, dial, WithBackoff(b), withRand(func() float64 { return 0.75 }),
-			WithMaxAttempts(4),
-			WithOnReconnect(func(attempt int, d time.Duration) { waits <- reconnectWait{attempt, d} }),
+			WithMaxAttempts(4), report,
 			WithOnConnect(func(net.Addr) { connected <- struct{}{} }))
 
 		want := []reconnectWait{
@@ -108,13 +127,7 @@ func TestSynctestRetryHintReplacesBackoffStep(t *testing.T) {
 			{3, time.Second},
 			{4, 5 * time.Second},
 		}
-		prev := awaitFake(t, dials)
-		for i, w := range want {
-			assert.Equal(t, w, awaitFake(t, waits), "wait %d", i)
-			next := awaitFake(t, dials)
-			assert.Equal(t, w.delay, next.Sub(prev), "time before dial %d", i+2)
-			prev = next
-		}
+		expectWaits(t, dials, waits, want)
 		awaitFake(t, connected)
 		st := c.Stats()
 		assert.Equal(t, uint64(3), st.FailedDials)
@@ -135,22 +148,15 @@ func TestSynctestDrainWindowDoesNotAdvanceBackoff(t *testing.T) {
 			}
 		}
 		dial, dials := scriptedDials(t, goodbye, nil, nil, helloThenHold)
-		waits := make(chan reconnectWait, 100)
-		newPipeClient(t, dial, WithBackoff(b), withRand(func() float64 { return 0.75 }),
-			WithOnReconnect(func(attempt int, d time.Duration) { waits <- reconnectWait{attempt, d} }))
+		report, waits := reportWaits()
+		newPipeClient(t, dial, WithBackoff(b), withRand(func() float64 { return 0.75 }), report)
 
 		want := []reconnectWait{
 			{1, 3 * time.Second},         // 0.75 of the 4 s window
 			{2, 1250 * time.Millisecond}, // the first step, not the second
 			{3, 2500 * time.Millisecond},
 		}
-		prev := awaitFake(t, dials)
-		for i, w := range want {
-			assert.Equal(t, w, awaitFake(t, waits), "wait %d", i)
-			next := awaitFake(t, dials)
-			assert.Equal(t, w.delay, next.Sub(prev), "time before dial %d", i+2)
-			prev = next
-		}
+		expectWaits(t, dials, waits, want)
 	})
 }
 
