@@ -308,8 +308,8 @@ func (c *Client) setStateLocked(s State) {
 // closed, and returns the cause. It starts the reader and the pinger and
 // waits for both, so no goroutine of this connection outlives it.
 //
-// out is what preceded this connection since the last one was lost; the
-// connect line reports it.
+// out is what preceded this connection since the last healthy one was
+// lost; the connect line reports it.
 func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	remote := l.nc.RemoteAddr()
 	log := c.log.WithField("local", l.nc.LocalAddr().String())
@@ -325,7 +325,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 		if out.dials == 1 {
 			attempts = "attempt"
 		}
-		log.WithFields(logrus.Fields{"attempt": out.dials, "downtime": down}).
+		log.WithFields(logrus.Fields{"dials": out.dials, "downtime": down}).
 			Infof("reconnected after %d %s in %.1f s", out.dials, attempts, down.Seconds())
 	}
 	if fn := c.opts.onConnect; fn != nil {

@@ -482,10 +482,8 @@ func marshalClose(code CloseCode, reason string) []byte {
 // to dial again after retryAfter: the code, the wait in milliseconds as a
 // uint32, then the reason.
 func marshalTryLater(retryAfter time.Duration, reason string) []byte {
-	p := marshalClose(CloseTryLater, reason)
-	p = slices.Insert(p, 1, 0, 0, 0, 0)
-	binary.BigEndian.PutUint32(p[1:], millis(retryAfter))
-	return p
+	p := binary.BigEndian.AppendUint32([]byte{byte(CloseTryLater)}, millis(retryAfter))
+	return append(p, marshalClose(CloseTryLater, reason)[1:]...)
 }
 
 // parseClose decodes a close frame's payload. A reason that is not valid

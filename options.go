@@ -28,6 +28,10 @@ const (
 	DefaultRetryAfter       = time.Second
 )
 
+// maxRetryAfter bounds WithAdmission's retry-after, which a close frame
+// carries in milliseconds.
+const maxRetryAfter = time.Hour
+
 // A ClientOption configures a Client. Options that also make sense for a
 // Server have type Option.
 type ClientOption interface {
@@ -181,7 +185,8 @@ func WithBackoff(b Backoff) ClientOption {
 // WithMaxAttempts makes a client give up after n dial attempts in a row
 // have failed; it then closes itself with an error wrapping ErrGaveUp. An
 // attempt fails unless its connection completes the hello and receives a
-// frame after it. The default, 0, retries forever.
+// frame after it; one that a busy server refused with a retry hint does
+// not count. The default, 0, retries forever.
 func WithMaxAttempts(n int) ClientOption {
 	return clientOption(func(o *clientOptions) { o.maxAttempts = n })
 }
@@ -264,7 +269,8 @@ func WithOnMessage(fn func(msg []byte)) ClientOption {
 // WithOnReconnect registers a callback run before each wait between dial
 // attempts, with the number of the attempt about to be made, counted since
 // the last healthy connection (1 after losing one, 2 after a first dial
-// failed), and the delay before it.
+// failed), and the delay before it. A refusal with a retry hint is not a
+// failed attempt, so the number after it is the same as before it.
 func WithOnReconnect(fn func(attempt int, delay time.Duration)) ClientOption {
 	return clientOption(func(o *clientOptions) { o.onReconnect = fn })
 }
@@ -314,18 +320,21 @@ func WithDrainWindow(d time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.drainWindow = d })
 }
 
-// WithAdmission bounds how many accepted connections a server lets run
-// their handshake (TLS and hello) at once, so that a fleet dialing back
-// after a restart cannot pile up more work than the server finishes within
-// the handshake timeout. A connection accepted beyond the bound is
-// answered at once, without reading its hello, with a close frame of code
-// CloseTryLater and a retry-after hint drawn at random between half and
-// one and a half times retryAfter; a vgo client waits that long instead of
-// taking a step of its backoff. Over TLS the connection is closed without
-// the frame, which the client cannot read before a TLS handshake, and the
-// client takes its backoff step. The defaults are DefaultMaxHandshakes
-// (1024) and DefaultRetryAfter (1s); a negative maxHandshakes turns the
-// bound off.
+// WithAdmission bounds how many connections a server lets work on their
+// handshake (TLS and hello) at once, so that a fleet dialing back after a
+// restart cannot pile up more work than the server finishes within the
+// handshake timeout. A connection counts from its first bytes until it is
+// open or closed: one that sends nothing costs no work and takes no place,
+// so silent connections cannot keep others out (on Linux; elsewhere a
+// connection counts from when it is accepted). A connection accepted
+// beyond the bound is answered at once, without reading its hello, with a
+// close frame of code CloseTryLater and a retry-after hint drawn at random
+// between half and one and a half times retryAfter; a vgo client waits
+// that long instead of taking a step of its backoff. Over TLS the
+// connection is closed without the frame, which the client cannot read
+// before a TLS handshake, and the client takes its backoff step. The
+// defaults are DefaultMaxHandshakes (1024) and DefaultRetryAfter (1s), at
+// most an hour; a negative maxHandshakes turns the bound off.
 func WithAdmission(maxHandshakes int, retryAfter time.Duration) ServerOption {
 	return serverOption(func(o *serverOptions) { o.maxHandshakes, o.retryAfter = maxHandshakes, retryAfter })
 }
@@ -485,8 +494,8 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	switch {
 	case o.retryAfter == 0:
 		o.retryAfter = DefaultRetryAfter
-	case o.retryAfter < 0:
-		return o, invalid("retry-after %v is negative", o.retryAfter)
+	case o.retryAfter < 0 || o.retryAfter > maxRetryAfter:
+		return o, invalid("retry-after %v is outside 0..%v", o.retryAfter, maxRetryAfter)
 	}
 	if o.minPing < 0 || o.maxPing < 0 {
 		return o, invalid("ping interval range %v..%v is negative", o.minPing, o.maxPing)
@@ -496,6 +505,8 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 		if o.heartbeatTimeout > 0 {
 			o.maxPing = min(o.heartbeatTimeout/3, o.maxPing)
 		}
+		// A min set above the default max wins over it.
+		o.maxPing = max(o.maxPing, o.minPing)
 	}
 	if o.heartbeatTimeout > 0 {
 		if o.maxPing > o.heartbeatTimeout/2 {

@@ -108,9 +108,10 @@ func (b Backoff) delay(n int, r float64) time.Duration {
 // backoff and dials again, until Close or until the attempts run out.
 func (c *Client) run() {
 	var (
-		failed int // attempts failed since the last healthy connection
-		waits  int // backoff waits since the last healthy connection
-		tried  int // endpoints tried in this round without a wait
+		failed int           // attempts failed since the last healthy connection
+		waits  int           // backoff waits since the last healthy connection
+		tried  int           // endpoints tried in this round without a wait
+		hinted time.Duration // the longest retry hint in this round
 		out    outage
 	)
 	for {
@@ -125,20 +126,26 @@ func (c *Client) run() {
 			// hello: then it is not one that accepts and drops at once.
 			base := l.fr.frames.Load()
 			err = c.serve(l, hb, out)
-			out = outage{since: time.Now()}
 			healthy = hb.interval <= 0 || l.fr.frames.Load() > base
 			window = time.Duration(l.goodbye.Load())
+			if healthy {
+				out = outage{since: time.Now()}
+			}
 		}
 		if c.ctx.Err() != nil {
 			c.finish(nil)
 			return
 		}
+		// A refusal with a retry hint is not a failure: the server is up
+		// and has said when to come back.
 		hint := retryHint(err)
 		switch {
 		case healthy:
-			failed, waits, tried = 0, 0, 0
+			failed, waits, tried, hinted = 0, 0, 0, 0
 		case hint > 0:
 			c.stats.hints.Add(1)
+			tried++
+			hinted = max(hinted, hint)
 		default:
 			failed++
 			tried++
@@ -158,36 +165,42 @@ func (c *Client) run() {
 			return
 		}
 		c.next = (c.next + 1) % len(c.addrs)
-		if !healthy && hint == 0 && tried < len(c.addrs) {
+		if !healthy && tried < len(c.addrs) {
 			// The rest of the round goes at once: the backoff applies
 			// per round through the endpoints.
-			c.log.WithFields(logrus.Fields{"attempt": failed, "endpoint": addr, "next": c.addrs[c.next], "err": err}).
-				Warn("dial failed; trying the next endpoint")
+			log := c.log.WithFields(logrus.Fields{"attempt": failed, "endpoint": addr, "next": c.addrs[c.next], "err": err})
+			if hint > 0 {
+				log.Info("server busy; trying the next endpoint")
+			} else {
+				log.Warn("dial failed; trying the next endpoint")
+			}
 			continue
 		}
 		tried = 0
-		// A server's retry hint and a draining server's window each stand
-		// in for one wait, and neither is a step of the backoff: a client
-		// that was asked to wait has not failed.
+		// A retry hint and a draining server's window each stand in for
+		// one wait, and neither is a step of the backoff. A round in which
+		// some server gave a hint waits the longest one given.
 		var d time.Duration
 		switch {
-		case hint > 0:
-			d = min(hint, c.opts.backoff.MaxDelay)
-			c.log.WithFields(logrus.Fields{"endpoint": addr, "delay": d, "err": err}).Info("server busy; dialing again when it asked")
+		case hinted > 0:
+			d = min(hinted, c.opts.backoff.MaxDelay)
 		case window > 0:
 			// Spread over the window the server asked for, but no
 			// longer than the client's own longest wait.
 			d = time.Duration(c.opts.rand() * float64(min(window, c.opts.backoff.MaxDelay)))
-			c.log.WithFields(logrus.Fields{"attempt": failed + 1, "delay": d}).Info("reconnecting")
 		default:
 			d = c.opts.backoff.delay(waits, c.opts.rand())
 			waits++
-			if dialed {
-				// serve has logged the disconnect and its cause.
-				c.log.WithFields(logrus.Fields{"attempt": failed + 1, "delay": d}).Info("reconnecting")
-			} else {
-				c.log.WithFields(logrus.Fields{"attempt": failed, "delay": d, "err": err}).Warn("dial failed")
-			}
+		}
+		hinted = 0
+		switch {
+		case hint > 0:
+			c.log.WithFields(logrus.Fields{"endpoint": addr, "delay": d, "err": err}).Info("server busy; dialing again when it asked")
+		case dialed:
+			// serve has logged the disconnect and its cause.
+			c.log.WithFields(logrus.Fields{"attempt": failed + 1, "delay": d}).Info("reconnecting")
+		default:
+			c.log.WithFields(logrus.Fields{"attempt": failed, "delay": d, "err": err}).Warn("dial failed")
 		}
 		c.stats.backoff.Store(int64(d))
 		if fn := c.opts.onReconnect; fn != nil {
@@ -203,9 +216,10 @@ func (c *Client) run() {
 }
 
 // outage is what the client has been through since it last lost a
-// connection, for the line that reports it back.
+// healthy connection, for the line that reports it back. A connection
+// that never proved healthy does not end it.
 type outage struct {
-	since time.Time // zero before the first connection
+	since time.Time // zero before the first healthy connection
 	dials int
 }
 

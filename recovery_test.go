@@ -7,7 +7,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -21,16 +23,16 @@ import (
 // Tests of how a client comes back after losing its server, and of the
 // server's admission control that keeps a returning fleet from burying it.
 
-// Frame types and close codes on the wire, from PROTOCOL.md.
+// Frame types and a close code on the wire, from PROTOCOL.md.
 const (
-	wireClose    byte = 0x05
-	wireGoodbye  byte = 0x06
-	wireTryLater byte = 0x06 // close code
+	wireClose         byte = 0x05
+	wireGoodbye       byte = 0x06
+	wireCloseTryLater byte = 0x06 // the close code, not a frame type
 )
 
 // tryLaterFrame is a close frame asking the client to dial again after d.
 func tryLaterFrame(d time.Duration) []byte {
-	p := binary.BigEndian.AppendUint32([]byte{wireTryLater}, uint32(d/time.Millisecond))
+	p := binary.BigEndian.AppendUint32([]byte{wireCloseTryLater}, uint32(d/time.Millisecond))
 	return wireFrame(wireClose, append(p, "busy"...))
 }
 
@@ -165,8 +167,14 @@ func TestSynctestReconnectLogLine(t *testing.T) {
 	// took and how long it was out.
 	synctest.Test(t, func(t *testing.T) {
 		b := Backoff{BaseDelay: time.Second, Multiplier: 2, Jitter: -1, MaxDelay: 10 * time.Second}
-		dropAfterHello := func(nc net.Conn) { _ = answerHello(nc) }
-		dial, dials := scriptedDials(t, dropAfterHello, nil, nil, helloThenHold)
+		// A healthy connection: hello, then a frame, then gone.
+		healthyThenGone := func(nc net.Conn) {
+			if answerHello(nc) == nil {
+				_, _ = nc.Write(wireFrame(wirePing, nil))
+				_, _, _ = readWireFrame(nc) // the pong
+			}
+		}
+		dial, dials := scriptedDials(t, healthyThenGone, nil, nil, helloThenHold)
 		log, hook := logtest.NewNullLogger()
 		connected := make(chan struct{}, 10)
 		newPipeClient(t, dial, WithBackoff(b), WithLogger(log),
@@ -186,11 +194,10 @@ func TestSynctestReconnectLogLine(t *testing.T) {
 		require.Len(t, lines, 2, "one line per connection")
 		assert.Equal(t, "connected", lines[0].Message)
 		back := lines[1]
-		// Waits of 1 s (the first step: a connection that was never
-		// healthy counts as failed), 2 s and 4 s.
+		// Waits of 1 s, 2 s and 4 s.
 		assert.Equal(t, "reconnected after 3 attempts in 7.0 s", back.Message)
 		assert.Equal(t, logrus.InfoLevel, back.Level)
-		assert.Equal(t, 3, back.Data["attempt"])
+		assert.Equal(t, 3, back.Data["dials"])
 		assert.Equal(t, 7*time.Second, back.Data["downtime"])
 	})
 }
@@ -203,12 +210,15 @@ func TestSynctestAdmissionControl(t *testing.T) {
 		srv, l := servePipe(t, WithAdmission(2, 2*time.Second))
 		first := dialPipeRaw(t, l)
 		dialPipeRaw(t, l)
+		// A pipe is not a socket whose first bytes the server can wait
+		// for, so these two count from when their handshakes begin.
+		synctest.Wait()
 
 		refused := dialPipeRaw(t, l)
 		typ, p, err := readWireFrame(refused)
 		require.NoError(t, err)
 		require.Equal(t, wireClose, typ)
-		require.Equal(t, wireTryLater, p[0], "close code")
+		require.Equal(t, wireCloseTryLater, p[0], "close code")
 		hint := time.Duration(binary.BigEndian.Uint32(p[1:5])) * time.Millisecond
 		assert.GreaterOrEqual(t, hint, time.Second)
 		assert.LessOrEqual(t, hint, 3*time.Second)
@@ -231,30 +241,131 @@ func TestSynctestAdmissionControl(t *testing.T) {
 }
 
 func TestAdmissionRefusedClientComesBack(t *testing.T) {
-	// Over real sockets: the server's only handshake slot is taken, so a
-	// client is refused with a hint, waits as hinted without counting a
-	// failure, and connects once the slot is free. The hint must reach the
-	// client even though the server closes without reading its hello.
+	// Over real sockets: the server's only handshake is taken by a peer
+	// that sent the first bytes of its hello, so a client is refused with
+	// a hint, waits as hinted without counting a failure, and connects
+	// once the handshake is done.
 	l := listen(t)
 	srv, _ := serveOn(t, l, WithAdmission(1, 200*time.Millisecond))
+	hello := rawHello(ProtocolVersion)
 	holder := dialRaw(t, l.Addr().String())
-	require.Eventually(t, func() bool { return srv.Stats().Accepted == 1 }, waitFor, time.Millisecond)
+	holder.write(hello[:3])
+	// Taken once the server refuses a probe at once; a probe it admits
+	// hears nothing.
+	require.Eventually(t, func() bool {
+		probe, err := net.DialTimeout("tcp", l.Addr().String(), waitFor)
+		require.NoError(t, err)
+		defer probe.Close()
+		require.NoError(t, probe.SetReadDeadline(time.Now().Add(100*time.Millisecond)))
+		_, _, err = readWireFrame(probe)
+		return err == nil
+	}, waitFor, 10*time.Millisecond)
 
-	delays := make(chan time.Duration, 100)
-	c := newTestClient(t, l.Addr().String(),
-		WithOnReconnect(func(_ int, d time.Duration) { delays <- d }))
-	d := recv(t, delays)
-	assert.GreaterOrEqual(t, d, 100*time.Millisecond)
-	assert.LessOrEqual(t, d, 300*time.Millisecond)
+	report, waits := reportWaits()
+	c := newTestClient(t, l.Addr().String(), report,
+		WithBackoff(Backoff{BaseDelay: 10 * time.Millisecond, MaxDelay: time.Second}))
+	w := recv(t, waits)
+	assert.Equal(t, 1, w.attempt, "a hint is not a failed attempt")
+	assert.GreaterOrEqual(t, w.delay, 100*time.Millisecond)
+	assert.LessOrEqual(t, w.delay, 300*time.Millisecond)
 
-	holder.write(rawHello(ProtocolVersion))
+	holder.write(hello[3:])
 	ft, _ := holder.next()
 	require.Equal(t, frameHello, ft)
 	require.NoError(t, c.WaitConnected(testContext(t)))
 	st := c.Stats()
 	assert.Positive(t, st.RetryHints)
 	assert.Zero(t, st.FailedDials, "a refusal with a hint is not a failure")
-	assert.Equal(t, st.RetryHints, srv.Stats().Throttled)
+	assert.Greater(t, srv.Stats().Throttled, st.RetryHints, "the probes were refused too")
+}
+
+func TestAdmissionIgnoresSilentConnections(t *testing.T) {
+	// Connections that have sent nothing cost the server no work and take
+	// none of its handshakes: a client connects past them at once.
+	if runtime.GOOS != "linux" {
+		t.Skip("a connection counts from its first bytes on Linux only")
+	}
+	l := listen(t)
+	srv, _ := serveOn(t, l, WithAdmission(1, time.Second))
+	for range 3 {
+		dialRaw(t, l.Addr().String())
+	}
+	require.Eventually(t, func() bool { return srv.Stats().Accepted == 3 }, waitFor, time.Millisecond)
+	c := newTestClient(t, l.Addr().String())
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	assert.Zero(t, c.Stats().RetryHints)
+	assert.Zero(t, srv.Stats().Throttled)
+}
+
+func TestSynctestRetryHintMovesOnToFallback(t *testing.T) {
+	// A busy server's hint does not hold up the rest of the round: the
+	// client tries the next endpoint at once, and waits the hint only once
+	// every endpoint has been tried, without a step of its backoff.
+	synctest.Test(t, func(t *testing.T) {
+		type dial struct {
+			at   time.Time
+			addr string
+		}
+		dials := make(chan dial, 100)
+		l := servePipeRaw(t, helloThenHold)
+		busy := servePipeRaw(t, hintAfterHello(3*time.Second))
+		fallbackDials := 0
+		dialFn := func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials <- dial{time.Now(), addr}
+			if addr == pipeServerAddr {
+				return busy.dial(ctx, network, addr)
+			}
+			if fallbackDials++; fallbackDials == 1 {
+				return nil, errors.New("connection refused")
+			}
+			return l.dial(ctx, network, addr)
+		}
+		report, waits := reportWaits()
+		c := newPipeClient(t, dialFn, WithFallbackAddrs("fallback.test:1"), report,
+			WithBackoff(Backoff{BaseDelay: time.Second, MaxDelay: 10 * time.Second}))
+
+		start := awaitFake(t, dials)
+		next := awaitFake(t, dials)
+		assert.Equal(t, "fallback.test:1", next.addr)
+		assert.Equal(t, start.at, next.at, "the fallback is dialed at once after the hint")
+		assert.Equal(t, reconnectWait{2, 3 * time.Second}, awaitFake(t, waits))
+		again := awaitFake(t, dials)
+		assert.Equal(t, 3*time.Second, again.at.Sub(start.at))
+		awaitFake(t, dials)
+		require.NoError(t, c.WaitConnected(t.Context()))
+		assert.Equal(t, "fallback.test:1", c.Endpoint())
+		st := c.Stats()
+		assert.Equal(t, uint64(2), st.RetryHints)
+		assert.Equal(t, uint64(1), st.FailedDials)
+	})
+}
+
+// failingWrites is a client connection whose writes fail, as after the
+// server has reset it, while what the server sent before can still be
+// read.
+type failingWrites struct{ net.Conn }
+
+func (failingWrites) Write([]byte) (int, error) { return 0, syscall.ECONNRESET }
+
+func TestSynctestHintReadAfterHelloWriteFails(t *testing.T) {
+	// A server that refuses at accept does not read the hello, and its
+	// reset can fail the client's hello write; the hint that arrived first
+	// is still read and obeyed.
+	synctest.Test(t, func(t *testing.T) {
+		l := servePipeRaw(t, func(nc net.Conn) { _, _ = nc.Write(tryLaterFrame(2 * time.Second)) })
+		dialFn := func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := l.dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return failingWrites{nc}, nil
+		}
+		report, waits := reportWaits()
+		c := newPipeClient(t, dialFn, report)
+		assert.Equal(t, reconnectWait{1, 2 * time.Second}, awaitFake(t, waits))
+		assert.Equal(t, uint64(1), c.Stats().RetryHints)
+		assert.Zero(t, c.Stats().FailedDials)
+	})
 }
 
 func TestAdmissionOptions(t *testing.T) {
@@ -267,8 +378,10 @@ func TestAdmissionOptions(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, s.opts.maxHandshakes, "negative turns the bound off")
 
-	_, err = NewServer(WithAdmission(10, -time.Second))
-	assert.ErrorIs(t, err, ErrInvalidOption)
+	for _, bad := range []time.Duration{-time.Second, 2 * time.Hour} {
+		_, err = NewServer(WithAdmission(10, bad))
+		assert.ErrorIs(t, err, ErrInvalidOption, "retry-after %v", bad)
+	}
 }
 
 func TestTryLaterCloseFrame(t *testing.T) {
@@ -315,6 +428,8 @@ func TestPingIntervalCapDefaults(t *testing.T) {
 		{"long timeout", []ServerOption{WithHeartbeatTimeout(2 * time.Minute)}, DefaultMaxPingInterval},
 		{"timeout off", []ServerOption{WithHeartbeatTimeout(-1)}, DefaultMaxPingInterval},
 		{"explicit range", []ServerOption{WithHeartbeatTimeout(-1), WithPingIntervalRange(0, time.Minute)}, time.Minute},
+		{"min above the cap", []ServerOption{WithHeartbeatTimeout(2 * time.Minute), WithPingIntervalRange(30*time.Second, 0)}, 30 * time.Second},
+		{"min above the cap, timeout off", []ServerOption{WithHeartbeatTimeout(-1), WithPingIntervalRange(30*time.Second, 0)}, 30 * time.Second},
 	} {
 		s, err := NewServer(tc.opts...)
 		require.NoError(t, err, tc.name)

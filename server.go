@@ -37,7 +37,12 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*Conn]struct{}
 	open      int // conns that have completed the hello
-	deferred  int // connections refused with a retry hint since one was last admitted
+	// working counts the conns in their handshake that have sent their
+	// first bytes: those the server is spending work on.
+	working int
+	// throttled counts the connections refused with a retry hint since
+	// one was last admitted.
+	throttled int
 }
 
 // NewServer returns a server configured by opts. It returns an error
@@ -130,17 +135,15 @@ func (s *Server) accept(nc net.Conn) {
 		s.refuse(nc)
 		return
 	}
-	if s.opts.maxHandshakes > 0 && len(s.conns)-s.open >= s.opts.maxHandshakes {
-		s.deferred++
-		first := s.deferred == 1
+	if s.opts.maxHandshakes > 0 && s.working >= s.opts.maxHandshakes {
+		s.throttled++
+		first := s.throttled == 1
 		s.mu.Unlock()
 		s.tryLater(nc, first)
 		return
 	}
-	if n := s.deferred; n > 0 {
-		s.deferred = 0
-		s.log.WithField("refused", n).Info("admission control: accepting again")
-	}
+	refused := s.throttled
+	s.throttled = 0
 	c := &Conn{
 		id:     s.nextID.Add(1),
 		srv:    s,
@@ -155,6 +158,9 @@ func (s *Server) accept(nc net.Conn) {
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
+	if refused > 0 {
+		s.log.WithField("refused", refused).Info("admission control: accepting again")
+	}
 	go s.serveConn(c)
 }
 
@@ -251,6 +257,16 @@ func (s *Server) handshake(c *Conn) error {
 	if s.opts.handshakeTimeout > 0 {
 		deadline = time.Now().Add(s.opts.handshakeTimeout)
 	}
+	// A connection takes one of the handshakes WithAdmission bounds only
+	// once it has sent something: until then it costs no work, and a peer
+	// that opens connections and stays silent keeps nobody out.
+	if err := awaitData(c.l.raw, deadline); err != nil {
+		return handshakeError("read hello", err)
+	}
+	s.mu.Lock()
+	c.working = true
+	s.working++
+	s.mu.Unlock()
 	if tc, ok := c.l.nc.(*tls.Conn); ok {
 		if err := tc.SetDeadline(deadline); err != nil {
 			return err
@@ -304,6 +320,8 @@ func (s *Server) handshake(c *Conn) error {
 	}
 	c.opened = true
 	s.open++
+	c.working = false
+	s.working--
 	return nil
 }
 
@@ -349,6 +367,9 @@ func (s *Server) forget(c *Conn) {
 	delete(s.conns, c)
 	if c.opened {
 		s.open--
+	}
+	if c.working {
+		s.working--
 	}
 	s.checkDrainedLocked()
 	s.mu.Unlock()
@@ -527,12 +548,13 @@ func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
 // A Conn is one client connection on a Server. Its methods are safe for
 // concurrent use, also from the handler.
 type Conn struct {
-	id     uint64
-	srv    *Server
-	remote net.Addr
-	log    logrus.FieldLogger
-	l      *link
-	opened bool // guarded by srv.mu
+	id      uint64
+	srv     *Server
+	remote  net.Addr
+	log     logrus.FieldLogger
+	l       *link
+	opened  bool // guarded by srv.mu
+	working bool // in its handshake, with bytes received; guarded by srv.mu
 }
 
 // ID returns the connection's number, unique within its server.

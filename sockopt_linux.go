@@ -3,6 +3,7 @@ package vgo
 import (
 	"net"
 	"syscall"
+	"time"
 )
 
 // unsentLowWater is how many bytes a socket may hold that the network has
@@ -29,5 +30,29 @@ func limitUnsent(c net.Conn) {
 	}
 	_ = rc.Control(func(fd uintptr) {
 		_ = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpNotSentLowat, unsentLowWater)
+	})
+}
+
+// awaitData waits until c has bytes to read, or until deadline, without
+// taking any: the first read of the handshake takes them. It returns at
+// once for a connection it cannot wait on this way, and an error only when
+// the wait itself failed; what the bytes are, or an end of stream, is the
+// handshake's to find out.
+func awaitData(c net.Conn, deadline time.Time) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	if err := c.SetReadDeadline(deadline); err != nil {
+		return err
+	}
+	var b [1]byte
+	return rc.Read(func(fd uintptr) bool {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return err != syscall.EAGAIN
 	})
 }
