@@ -122,7 +122,8 @@ func isTemporary(err error) bool {
 }
 
 // accept registers nc and starts its goroutine, or refuses it when the
-// server is at its connection limit or shutting down.
+// server is shutting down, at its connection limit or at its bound on
+// handshakes.
 func (s *Server) accept(nc net.Conn) {
 	s.mu.Lock()
 	if s.closing {
@@ -181,12 +182,13 @@ func (s *Server) tryLater(nc net.Conn, first bool) {
 	s.stats.throttled.Add(1)
 	spread := s.opts.retryAfter
 	hint := spread/2 + time.Duration(rand.Int64N(int64(spread)+1))
-	log := s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "retry_after": hint, "max": s.opts.maxHandshakes})
-	switch {
-	case first:
-		log.Warn("admission control: too many handshakes; refusing connections with a retry hint")
-	case debugEnabled(s.log):
-		log.Debug("connection refused with a retry hint")
+	if first || debugEnabled(s.log) {
+		log := s.log.WithFields(logrus.Fields{"remote": nc.RemoteAddr().String(), "retry_after": hint, "max": s.opts.maxHandshakes})
+		if first {
+			log.Warn("admission control: too many handshakes; refusing connections with a retry hint")
+		} else {
+			log.Debug("connection refused with a retry hint")
+		}
 	}
 	s.closeRaw(nc, marshalTryLater(hint, "too many handshakes"))
 }
