@@ -24,10 +24,10 @@ import (
 // client is back within one such wait of its server's return. The slow
 // growth keeps the waits short through the outages that are most common,
 // a restart or a deploy of a few seconds (BENCHMARKS.md has the figures
-// for a 3 s outage). A fleet is
-// kept from overwhelming a restarting server by the server itself, which
-// answers the dials it has no room for with a hint of when to come back
-// (see WithAdmission), and by Shutdown's drain window.
+// for a 3 s outage). A fleet is kept from overwhelming a restarting server
+// by the server itself, which answers the dials it has no room for with a
+// hint of when to come back (see WithAdmission), and by Shutdown's drain
+// window.
 //
 // The counter restarts only once a connection has proven healthy, by
 // completing its hello and receiving any frame after it. A server that accepts
