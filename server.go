@@ -259,16 +259,19 @@ func (s *Server) handshake(c *Conn) error {
 	if s.opts.handshakeTimeout > 0 {
 		deadline = time.Now().Add(s.opts.handshakeTimeout)
 	}
-	// A connection takes one of the handshakes WithAdmission bounds only
-	// once it has sent something: until then it costs no work, and a peer
-	// that opens connections and stays silent keeps nobody out.
-	if err := awaitData(c.l.raw, deadline); err != nil {
-		return handshakeError("read hello", err)
+	if s.opts.maxHandshakes > 0 {
+		// A connection takes one of the handshakes WithAdmission bounds
+		// only once it has sent something: until then it costs no work,
+		// and a peer that opens connections and stays silent keeps
+		// nobody out.
+		if err := awaitData(c.l.raw, deadline); err != nil {
+			return handshakeError("read hello", err)
+		}
+		s.mu.Lock()
+		c.working = true
+		s.working++
+		s.mu.Unlock()
 	}
-	s.mu.Lock()
-	c.working = true
-	s.working++
-	s.mu.Unlock()
 	if tc, ok := c.l.nc.(*tls.Conn); ok {
 		if err := tc.SetDeadline(deadline); err != nil {
 			return err
@@ -322,8 +325,10 @@ func (s *Server) handshake(c *Conn) error {
 	}
 	c.opened = true
 	s.open++
-	c.working = false
-	s.working--
+	if c.working {
+		c.working = false
+		s.working--
+	}
 	return nil
 }
 
