@@ -464,9 +464,21 @@ func parseGoodbye(p []byte) time.Duration {
 	return time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
 }
 
-// marshalClose encodes a close frame's payload. The reason is made valid
-// UTF-8 and cut, at a character boundary, to the room the frame has.
+// marshalClose encodes a close frame's payload.
 func marshalClose(code CloseCode, reason string) []byte {
+	return appendReason([]byte{byte(code)}, reason)
+}
+
+// marshalTryLater encodes the payload of a close frame that asks the client
+// to dial again after retryAfter: the code, the wait in milliseconds as a
+// uint32, then the reason.
+func marshalTryLater(retryAfter time.Duration, reason string) []byte {
+	return appendReason(binary.BigEndian.AppendUint32([]byte{byte(CloseTryLater)}, millis(retryAfter)), reason)
+}
+
+// appendReason appends a close frame's reason to b, made valid UTF-8 and
+// cut, at a character boundary, to the room the frame has.
+func appendReason(b []byte, reason string) []byte {
 	reason = strings.ToValidUTF8(reason, "\uFFFD")
 	if len(reason) > maxReasonSize {
 		cut := maxReasonSize
@@ -475,15 +487,7 @@ func marshalClose(code CloseCode, reason string) []byte {
 		}
 		reason = reason[:cut]
 	}
-	return append([]byte{byte(code)}, reason...)
-}
-
-// marshalTryLater encodes the payload of a close frame that asks the client
-// to dial again after retryAfter: the code, the wait in milliseconds as a
-// uint32, then the reason.
-func marshalTryLater(retryAfter time.Duration, reason string) []byte {
-	p := binary.BigEndian.AppendUint32([]byte{byte(CloseTryLater)}, millis(retryAfter))
-	return append(p, marshalClose(CloseTryLater, reason)[1:]...)
+	return append(b, reason...)
 }
 
 // parseClose decodes a close frame's payload. A reason that is not valid
