@@ -111,7 +111,7 @@ func (c *Client) Start() {
 
 // WaitConnected blocks until the client is connected, and returns nil. It
 // returns ctx.Err() if ctx ends first, and the client's Err if it stops
-// first.
+// first. Called before Start, it fails at once with ErrNotStarted.
 func (c *Client) WaitConnected(ctx context.Context) error {
 	for {
 		c.mu.Lock()
@@ -122,6 +122,8 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 			return nil
 		case StateClosed:
 			return err
+		case StateIdle:
+			return ErrNotStarted
 		}
 		select {
 		case <-changed:

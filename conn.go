@@ -95,6 +95,9 @@ type link struct {
 	once sync.Once
 	done chan struct{}
 	err  error // first cause; read only after done is closed
+	// onDown, if set, is called once with the first cause when the link
+	// goes down.
+	onDown func(cause error)
 }
 
 // newLink returns a link over nc, which runs over raw (the same connection
@@ -170,6 +173,9 @@ func (l *link) shutdown(err error) error {
 		// to send close_notify into a socket that may be full.
 		l.raw.Close()
 		close(l.done)
+		if l.onDown != nil {
+			l.onDown(err)
+		}
 	})
 	<-l.done
 	return l.err

@@ -22,6 +22,10 @@ var (
 	// the authenticator).
 	ErrNotConnected = errors.New("vgo: not connected")
 
+	// ErrNotStarted is returned by Client.WaitConnected when Start has not
+	// been called, since the client would never connect.
+	ErrNotStarted = errors.New("vgo: client not started")
+
 	// ErrGaveUp is reported when a client configured with WithMaxAttempts
 	// has used up its dial attempts. It wraps the last dial error.
 	ErrGaveUp = errors.New("vgo: gave up reconnecting")

@@ -89,31 +89,46 @@ func ExampleServer_Shutdown() {
 	// client saw: vgo: closed by peer: going away: server shutting down
 }
 
-// A server that checks a token in each client's hello, and a client whose
-// token it rejects: the client stops rather than retry.
+// A server that checks a token in each client's hello and keeps the user
+// it names on the connection, and a client whose token it rejects: the
+// client stops rather than retry.
 func ExampleWithAuthenticator() {
+	users := map[string]string{"token-of-alice": "alice"}
+	greeted := make(chan string)
 	srv, _ := vgo.NewServer(
 		vgo.WithLogger(silent()),
-		vgo.WithAuthenticator(func(c *vgo.Conn, token []byte) error {
-			if string(token) != "let me in" {
-				return errors.New("unknown token")
+		vgo.WithAuthenticator(func(c *vgo.Conn, token []byte) (any, error) {
+			user, ok := users[string(token)]
+			if !ok {
+				return nil, errors.New("unknown token")
 			}
-			return nil
+			return user, nil
+		}),
+		vgo.WithHandler(func(c *vgo.Conn, msg []byte) {
+			greeted <- fmt.Sprintf("%s says %s", c.Identity(), msg)
 		}),
 	)
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	go srv.Serve(l)
 	defer srv.Close()
 
-	client, _ := vgo.NewClient(l.Addr().String(),
-		vgo.WithLogger(silent()),
-		vgo.WithCredentials(func(context.Context) ([]byte, error) { return []byte("guess"), nil }),
-	)
-	client.Start()
-	<-client.Done()
-	fmt.Println(errors.Is(client.Err(), vgo.ErrUnauthorized))
-	fmt.Println(client.Err())
+	token := func(t string) vgo.ClientOption {
+		return vgo.WithCredentials(func(context.Context) ([]byte, error) { return []byte(t), nil })
+	}
+	alice, _ := vgo.NewClient(l.Addr().String(), vgo.WithLogger(silent()), token("token-of-alice"))
+	alice.Start()
+	defer alice.Close()
+	_ = alice.WaitConnected(context.Background())
+	_ = alice.Send(context.Background(), []byte("hello"))
+	fmt.Println(<-greeted)
+
+	stranger, _ := vgo.NewClient(l.Addr().String(), vgo.WithLogger(silent()), token("guess"))
+	stranger.Start()
+	<-stranger.Done()
+	fmt.Println(errors.Is(stranger.Err(), vgo.ErrUnauthorized))
+	fmt.Println(stranger.Err())
 	// Output:
+	// alice says hello
 	// true
 	// vgo: unauthorized: closed by peer: unauthorized: unknown token
 }

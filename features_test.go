@@ -15,11 +15,11 @@ import (
 )
 
 func tokenAuth(want string) ServerOption {
-	return WithAuthenticator(func(_ *Conn, creds []byte) error {
+	return WithAuthenticator(func(_ *Conn, creds []byte) (any, error) {
 		if string(creds) != want {
-			return errors.New("bad token")
+			return nil, errors.New("bad token")
 		}
-		return nil
+		return nil, nil
 	})
 }
 

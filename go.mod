@@ -9,6 +9,7 @@ require (
 )
 
 require (
+	github.com/pires/go-proxyproto v0.15.0 // indirect
 	go.yaml.in/yaml/v3 v3.0.5 // indirect
 	golang.org/x/sys v0.13.0 // indirect
 )

@@ -7,6 +7,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -92,7 +93,10 @@ type serverOptions struct {
 	drainWindow      time.Duration
 	maxHandshakes    int
 	retryAfter       time.Duration
-	authenticate     func(c *Conn, credentials []byte) error
+	authenticate     func(c *Conn, credentials []byte) (identity any, err error)
+	// trustedProxies are the networks whose PROXY protocol headers are
+	// believed; nil turns the PROXY protocol off.
+	trustedProxies []netip.Prefix
 
 	handler     func(c *Conn, msg []byte)
 	onConnOpen  func(c *Conn)
@@ -342,10 +346,32 @@ func WithAdmission(maxHandshakes int, retryAfter time.Duration) ServerOption {
 // WithAuthenticator sets the function that accepts or rejects each
 // connection's credentials during the hello, before the connection opens.
 // A non-nil error rejects: the client is sent a close frame with
-// CloseUnauthorized and the error's text. By default every client is
-// accepted.
-func WithAuthenticator(fn func(c *Conn, credentials []byte) error) ServerOption {
+// CloseUnauthorized and the error's text. On success, identity (a user, a
+// tenant, whatever the credentials proved; it may be nil) is kept on the
+// connection for Conn.Identity. The function may read the connection's
+// addresses and TLS state; anything it sets up for the connection should
+// be released when Conn.Context ends, which happens also when the
+// connection fails after authentication and before it opens. By default
+// every client is accepted, with a nil identity.
+func WithAuthenticator(fn func(c *Conn, credentials []byte) (identity any, err error)) ServerOption {
 	return serverOption(func(o *serverOptions) { o.authenticate = fn })
+}
+
+// WithProxyProtocol makes a server read a PROXY protocol header (version 1
+// or 2, as HAProxy, nginx and cloud load balancers send it) from
+// connections whose source address is in one of the trusted networks, so
+// that Conn.RemoteAddr, the logs and the callbacks show the client's own
+// address rather than the balancer's. A trusted source may also connect
+// without a header, and is then taken at its own address: a network can
+// hold both a balancer and clients that dial directly. A header from any
+// other source is refused with a protocol error, so no client can claim
+// another's address. A header with the LOCAL command, which a balancer
+// sends for its own health checks, keeps the connection's own addresses.
+// By default the PROXY protocol is off and every header is refused.
+func WithProxyProtocol(trusted ...netip.Prefix) ServerOption {
+	return serverOption(func(o *serverOptions) {
+		o.trustedProxies = append([]netip.Prefix{}, trusted...)
+	})
 }
 
 // WithMaxConnections caps the number of live connections. A connection
@@ -482,6 +508,15 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	}
 	if o.maxConns < 0 {
 		return o, invalid("max connections %d is negative", o.maxConns)
+	}
+	if o.trustedProxies != nil && len(o.trustedProxies) == 0 {
+		return o, invalid("PROXY protocol on with no trusted network")
+	}
+	for i, p := range o.trustedProxies {
+		if !p.IsValid() {
+			return o, invalid("trusted proxy network %d is not valid", i+1)
+		}
+		o.trustedProxies[i] = p.Masked()
 	}
 	o.heartbeatTimeout = orDefault(o.heartbeatTimeout, DefaultHeartbeatTimeout)
 	o.drainWindow = orDefault(o.drainWindow, DefaultDrainWindow)

@@ -6,12 +6,18 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/pires/go-proxyproto"
 	"github.com/sirupsen/logrus"
 )
 
@@ -34,8 +40,8 @@ type Server struct {
 
 	mu        sync.Mutex
 	closing   bool
-	listeners map[net.Listener]struct{}
-	conns     map[*Conn]struct{}
+	listeners []net.Listener // in the order Serve was called
+	conns     map[uint64]*Conn
 	open      int // conns that have completed the hello
 	// working counts the conns in their handshake that have sent their
 	// first bytes: those the server is spending work on.
@@ -53,12 +59,11 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		return nil, err
 	}
 	return &Server{
-		opts:      o,
-		log:       o.logger,
-		done:      make(chan struct{}),
-		drained:   make(chan struct{}),
-		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[*Conn]struct{}),
+		opts:    o,
+		log:     o.logger,
+		done:    make(chan struct{}),
+		drained: make(chan struct{}),
+		conns:   make(map[uint64]*Conn),
 	}, nil
 }
 
@@ -149,14 +154,26 @@ func (s *Server) accept(nc net.Conn) {
 		id:     s.nextID.Add(1),
 		srv:    s,
 		remote: nc.RemoteAddr(),
+		local:  nc.LocalAddr(),
 	}
+	c.trusted = s.trusts(c.remote)
 	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String()})
 	raw := nc
 	if s.opts.tlsConfig != nil {
+		if c.trusted {
+			// The PROXY header comes ahead of the TLS stream, so it is
+			// read beneath it. The wrapper reads nothing until the
+			// handshake asks it to, and then within the handshake's
+			// deadline.
+			c.proxied = proxyproto.NewConn(nc,
+				proxyproto.WithPolicy(proxyproto.USE), proxyproto.SetReadHeaderTimeout(0))
+			nc = c.proxied
+		}
 		nc = tls.Server(nc, s.opts.tlsConfig)
 	}
 	c.l = newLink(nc, raw, &s.opts.commonOptions, ErrClosed)
-	s.conns[c] = struct{}{}
+	c.l.onDown = c.ended
+	s.conns[c.id] = c
 	s.wg.Add(1)
 	s.mu.Unlock()
 	if refused > 0 {
@@ -216,6 +233,14 @@ func (s *Server) serveConn(c *Conn) {
 	defer c.l.wait() // every path below shuts the link down first
 
 	if err := s.handshake(c); err != nil {
+		if errors.Is(err, errProbe) {
+			s.stats.probes.Add(1)
+			if debugEnabled(c.log) {
+				c.log.Debug("health probe: closed before its hello")
+			}
+			c.end(err)
+			return
+		}
 		c.log.WithField("err", err).Warn("handshake failed")
 		switch {
 		case errors.Is(err, ErrUnauthorized):
@@ -276,11 +301,35 @@ func (s *Server) handshake(c *Conn) error {
 		if err := tc.SetDeadline(deadline); err != nil {
 			return err
 		}
+		if c.proxied != nil {
+			// A read of nothing reads the header, if one comes, and
+			// none of the TLS stream after it.
+			if _, err := c.proxied.Read(nil); err != nil {
+				return proxyHeaderError(err)
+			}
+			s.useProxyHeader(c, c.proxied.ProxyHeader())
+		}
 		if err := tc.Handshake(); err != nil {
+			if endedUnheard(err) {
+				return errProbe
+			}
 			return handshakeError("TLS handshake", err)
 		}
+		state := tc.ConnectionState()
+		c.tlsState = &state
+		c.l.startHandshake(deadline)
+	} else {
+		c.l.startHandshake(deadline)
+		if err := c.awaitHello(); err != nil {
+			return err
+		}
+		if err := s.readProxyHeader(c); err != nil {
+			return err
+		}
 	}
-	c.l.startHandshake(deadline)
+	if err := c.awaitHello(); err != nil {
+		return err
+	}
 	t, p, err := c.l.fr.next()
 	if err != nil {
 		return handshakeError("read hello", err)
@@ -300,9 +349,11 @@ func (s *Server) handshake(c *Conn) error {
 		}
 	}
 	if fn := s.opts.authenticate; fn != nil {
-		if err := fn(c, h.credentials); err != nil {
+		identity, err := fn(c, h.credentials)
+		if err != nil {
 			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
+		c.identity = identity
 	}
 	mine := hello{
 		version:          ProtocolVersion,
@@ -369,9 +420,100 @@ func (s *Server) readLoop(c *Conn) error {
 	}
 }
 
+// awaitHello waits for the first byte of what should be the hello, and
+// reports a connection that ends before sending one as a probe.
+func (c *Conn) awaitHello() error {
+	if _, err := c.l.fr.br.Peek(1); err != nil {
+		if endedUnheard(err) {
+			return errProbe
+		}
+		return handshakeError("read hello", err)
+	}
+	return nil
+}
+
+// readProxyHeader reads a PROXY protocol header from the start of a plain
+// TCP connection, if one is there, and takes the client's address from it.
+// Only a trusted source may send one.
+func (s *Server) readProxyHeader(c *Conn) error {
+	h, err := proxyproto.Read(c.l.fr.br)
+	switch {
+	case errors.Is(err, proxyproto.ErrNoProxyProtocol):
+		return nil
+	case failedRead(err):
+		return proxyHeaderError(err)
+	case !c.trusted && s.opts.trustedProxies == nil:
+		return protocolErrorf("PROXY protocol header, which this server does not accept")
+	case !c.trusted:
+		return protocolErrorf("PROXY protocol header from %s, which is not a trusted proxy", c.remote)
+	case err != nil:
+		return proxyHeaderError(err)
+	}
+	s.useProxyHeader(c, h)
+	return nil
+}
+
+// proxyHeaderError tells a PROXY header that could not be read, because
+// the connection failed or timed out, from one that is malformed.
+func proxyHeaderError(err error) error {
+	if failedRead(err) {
+		return handshakeError("read PROXY header", err)
+	}
+	return protocolErrorf("bad PROXY protocol header: %v", err)
+}
+
+// failedRead reports whether err comes from the connection rather than
+// from what was read on it.
+func failedRead(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+}
+
+// useProxyHeader takes a connection's addresses from its PROXY header. A
+// header with the LOCAL command, or without addresses, leaves them alone:
+// it comes from the proxy itself, such as a health check.
+func (s *Server) useProxyHeader(c *Conn, h *proxyproto.Header) {
+	if h == nil || h.Command.IsLocal() || h.SourceAddr == nil {
+		return
+	}
+	proxy := c.remote
+	c.remote = h.SourceAddr
+	if h.DestinationAddr != nil {
+		c.local = h.DestinationAddr
+	}
+	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String(), "proxy": proxy.String()})
+}
+
+// trusts reports whether a connection from addr may send a PROXY header.
+func (s *Server) trusts(addr net.Addr) bool {
+	if s.opts.trustedProxies == nil {
+		return false
+	}
+	ap, err := netip.ParseAddrPort(addr.String())
+	if err != nil {
+		return false
+	}
+	ip := ap.Addr().Unmap()
+	for _, p := range s.opts.trustedProxies {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// errProbe is the end of a connection closed before it sent a hello.
+var errProbe = errors.New("vgo: connection closed before its hello (a health probe)")
+
+// endedUnheard reports whether a connection ended before it sent anything:
+// a load balancer's health probe, which connects and closes.
+func endedUnheard(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
 func (s *Server) forget(c *Conn) {
 	s.mu.Lock()
-	delete(s.conns, c)
+	delete(s.conns, c.id)
 	if c.opened {
 		s.open--
 	}
@@ -406,15 +548,29 @@ func (s *Server) trackListener(l net.Listener) bool {
 	if s.closing {
 		return false
 	}
-	s.listeners[l] = struct{}{}
+	s.listeners = append(s.listeners, l)
 	return true
 }
 
 func (s *Server) untrackListener(l net.Listener) {
 	s.mu.Lock()
-	delete(s.listeners, l)
+	s.listeners = slices.DeleteFunc(s.listeners, func(x net.Listener) bool { return x == l })
 	s.mu.Unlock()
 	l.Close()
+}
+
+// Addr returns the address the server listens on: that of the listener
+// Serve was first called with among those it still serves. It is nil
+// before Serve has begun and after it has returned. With ListenAndServe
+// in another goroutine, Addr may be called before Serve begins; to learn
+// the port of ":0" in advance, create the listener and call Serve.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.listeners) == 0 {
+		return nil
+	}
+	return s.listeners[0].Addr()
 }
 
 // stop marks the server closing, closes its listeners and returns the
@@ -427,14 +583,10 @@ func (s *Server) stop() []*Conn {
 		close(s.done)
 		s.checkDrainedLocked()
 	}
-	for l := range s.listeners {
+	for _, l := range s.listeners {
 		l.Close()
 	}
-	conns := make([]*Conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
-	return conns
+	return slices.Collect(maps.Values(s.conns))
 }
 
 // Close closes the listeners and every connection at once, without close
@@ -505,6 +657,7 @@ func (s *Server) Stats() ServerStats {
 		SlowConsumers:  s.stats.slow.Load(),
 		Throttled:      s.stats.throttled.Load(),
 		AuthFailures:   s.stats.auth.Load(),
+		Probes:         s.stats.probes.Load(),
 		Live:           s.Len(),
 	}
 }
@@ -523,7 +676,7 @@ func (s *Server) Len() int {
 func (s *Server) Range(fn func(c *Conn) bool) {
 	s.mu.Lock()
 	conns := make([]*Conn, 0, s.open)
-	for c := range s.conns {
+	for _, c := range s.conns {
 		if c.opened {
 			conns = append(conns, c)
 		}
@@ -555,20 +708,105 @@ func (s *Server) Broadcast(ctx context.Context, payload []byte) int {
 // A Conn is one client connection on a Server. Its methods are safe for
 // concurrent use, also from the handler.
 type Conn struct {
-	id      uint64
-	srv     *Server
-	remote  net.Addr
-	log     logrus.FieldLogger
-	l       *link
+	id  uint64
+	srv *Server
+	l   *link
+
+	// Set during the handshake, before the connection is open, and only
+	// read after that: a PROXY header replaces the addresses.
+	remote, local net.Addr
+	log           logrus.FieldLogger
+	trusted       bool             // its source may send a PROXY header
+	proxied       *proxyproto.Conn // under TLS from a trusted source: reads the header
+	tlsState      *tls.ConnectionState
+	identity      any
+
+	value atomic.Pointer[any]
+
+	ctxMu  sync.Mutex
+	ctx    context.Context // made on first use
+	cancel context.CancelCauseFunc
+
 	opened  bool // guarded by srv.mu
 	working bool // in its handshake, with bytes received; guarded by srv.mu
+}
+
+// Conn returns the open connection with the given ID, if the server has
+// one.
+func (s *Server) Conn(id uint64) (*Conn, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.conns[id]
+	if !ok || !c.opened {
+		return nil, false
+	}
+	return c, true
 }
 
 // ID returns the connection's number, unique within its server.
 func (c *Conn) ID() uint64 { return c.id }
 
-// RemoteAddr returns the client's address.
+// RemoteAddr returns the client's address. Behind a trusted proxy that
+// sends a PROXY protocol header (WithProxyProtocol), it is the address the
+// header gives, the client's own, and not the proxy's.
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// LocalAddr returns the server's address the client connected to: with a
+// PROXY protocol header, the one the client dialed at the proxy.
+func (c *Conn) LocalAddr() net.Addr { return c.local }
+
+// TLS returns the state of the connection's TLS session, with the
+// client's certificates under mutual TLS, or nil for plain TCP. It is set
+// before the authenticator runs. The caller must not modify it.
+func (c *Conn) TLS() *tls.ConnectionState { return c.tlsState }
+
+// Identity returns what the authenticator (WithAuthenticator) returned for
+// the connection's credentials, or nil without an authenticator. It is set
+// once the authenticator has returned and does not change.
+func (c *Conn) Identity() any { return c.identity }
+
+// Value returns the value last stored with SetValue, or nil.
+func (c *Conn) Value() any {
+	if p := c.value.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// SetValue stores v on the connection for the application, such as a
+// session record, to be read back with Value from any goroutine. vgo
+// does not look at it.
+func (c *Conn) SetValue(v any) { c.value.Store(&v) }
+
+// Context returns a context that ends when the connection does: it is
+// canceled as soon as the connection starts to close, for whatever reason,
+// and context.Cause returns that reason, the one WithOnConnClose is given.
+// It ends on every path, also for a connection that fails after its
+// authenticator ran and before it opened, which WithOnConnClose does not
+// see; release there what the authenticator set up, for example with
+// context.AfterFunc. Work a handler starts for the connection can use it
+// to stop when the client goes.
+func (c *Conn) Context() context.Context {
+	c.ctxMu.Lock()
+	defer c.ctxMu.Unlock()
+	if c.ctx == nil {
+		c.ctx, c.cancel = context.WithCancelCause(context.Background())
+		if err := c.l.cause(); err != nil {
+			c.cancel(err)
+		}
+	}
+	return c.ctx
+}
+
+// ended cancels the connection's context, if it has one, once its link is
+// down.
+func (c *Conn) ended(cause error) {
+	c.ctxMu.Lock()
+	defer c.ctxMu.Unlock()
+	if c.cancel != nil {
+		c.cancel(cause)
+	}
+}
 
 // Send sends payload to the client as one message, with the same
 // guarantees as Client.Send: it returns once the message is queued,

@@ -495,10 +495,10 @@ func TestServerShutdownDuringHandshake(t *testing.T) {
 		unblock := func() { releaseOnce.Do(func() { close(release) }) }
 		l := listen(t)
 		// The authenticator holds the client in its handshake.
-		srv, _ := serveOn(t, l, WithAuthenticator(func(*Conn, []byte) error {
+		srv, _ := serveOn(t, l, WithAuthenticator(func(*Conn, []byte) (any, error) {
 			entered <- struct{}{}
 			<-release
-			return nil
+			return nil, nil
 		}))
 		t.Cleanup(unblock) // runs before the server's cleanup Close
 		c := newTestClient(t, l.Addr().String(), WithMaxAttempts(1))

@@ -36,6 +36,7 @@ type ServerStats struct {
 	SlowConsumers  uint64 // connections closed for not taking what was sent
 	Throttled      uint64 // connections refused with a retry hint (see WithAdmission)
 	AuthFailures   uint64 // connections whose credentials were rejected
+	Probes         uint64 // connections closed before a hello: health checks
 	Live           int    // open connections, as Len reports
 }
 
@@ -97,5 +98,5 @@ func (s *clientStats) snapshot() ClientStats {
 
 // serverStats holds a server's counters.
 type serverStats struct {
-	accepted, refused, throttled, stale, protocol, auth, slow atomic.Uint64
+	accepted, refused, throttled, stale, protocol, auth, slow, probes atomic.Uint64
 }

@@ -721,9 +721,9 @@ func TestConnSendOnlyWhileOpen(t *testing.T) {
 	sendErrs := make(chan error, 2)
 	opened := make(chan *Conn, 1)
 	_, addr := startServer(t,
-		WithAuthenticator(func(c *Conn, _ []byte) error {
+		WithAuthenticator(func(c *Conn, _ []byte) (any, error) {
 			sendErrs <- c.Send(context.Background(), []byte("too early"))
-			return nil
+			return nil, nil
 		}),
 		WithOnConnOpen(func(c *Conn) { opened <- c }))
 	msgs := make(chan string, 10)

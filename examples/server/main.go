@@ -3,9 +3,13 @@
 // than -timeout. It logs connects and disconnects, and with -v each ping
 // too. It runs until SIGINT or SIGTERM, then shuts down gracefully.
 //
+// Behind a load balancer that sends the PROXY protocol, list the
+// balancer's networks in -proxy-protocol: the server then logs the
+// clients' own addresses, and refuses PROXY headers from anywhere else.
+//
 // Usage:
 //
-//	go run ./examples/server -addr :9966 -timeout 15s [-v]
+//	go run ./examples/server -addr :9966 -timeout 15s [-proxy-protocol 10.0.0.0/8,192.168.1.5/32] [-v]
 package main
 
 import (
@@ -15,8 +19,10 @@ import (
 	"flag"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,6 +40,14 @@ func main() {
 		"close a client after this long without hearing from it; keep it above the clients' ping interval")
 	statsAddr := flag.String("stats", "", "address to publish the server's stats on through expvar at /debug/vars; empty for none")
 	verbose := flag.Bool("v", false, "log each ping as well (at debug level)")
+	var trusted []netip.Prefix
+	flag.Func("proxy-protocol",
+		"comma-separated `CIDRS` of trusted load balancers whose PROXY protocol headers (v1 or v2) give the clients' addresses; a bare IP means that host",
+		func(v string) error {
+			var err error
+			trusted, err = parseNetworks(v)
+			return err
+		})
 	flag.Parse()
 
 	level := logrus.InfoLevel
@@ -41,20 +55,24 @@ func main() {
 		level = logrus.DebugLevel
 	}
 	log := newLogger(level)
-	if err := run(*addr, *statsAddr, *timeout, log); err != nil {
+	opts := []vgo.ServerOption{vgo.WithHeartbeatTimeout(*timeout)}
+	if trusted != nil {
+		opts = append(opts, vgo.WithProxyProtocol(trusted...))
+		log.WithField("trusted", flag.Lookup("proxy-protocol").Value.String()).Info("PROXY protocol on")
+	}
+	if err := run(*addr, *statsAddr, opts, log); err != nil {
 		log.WithField("err", err).Error("server failed")
 		os.Exit(1)
 	}
 }
 
-func run(addr, statsAddr string, timeout time.Duration, log *logrus.Logger) error {
-	srv, err := vgo.NewServer(
+func run(addr, statsAddr string, opts []vgo.ServerOption, log *logrus.Logger) error {
+	srv, err := vgo.NewServer(append(opts,
 		// vgo logs every connect and disconnect at info level itself. The
 		// callbacks below log those events instead, so vgo's own logger
 		// only lets warnings through: failed handshakes, refused and
 		// misbehaving peers, accept errors.
 		vgo.WithLogger(newLogger(logrus.WarnLevel)),
-		vgo.WithHeartbeatTimeout(timeout),
 		vgo.WithOnConnOpen(func(c *vgo.Conn) {
 			connLog(log, c).Info("client connected")
 		}),
@@ -77,7 +95,7 @@ func run(addr, statsAddr string, timeout time.Duration, log *logrus.Logger) erro
 			// logs the cause.
 			_ = c.Send(context.Background(), msg)
 		}),
-	)
+	)...)
 	if err != nil {
 		return err
 	}
@@ -94,7 +112,7 @@ func run(addr, statsAddr string, timeout time.Duration, log *logrus.Logger) erro
 	if err != nil {
 		return err
 	}
-	log.WithFields(logrus.Fields{"addr": l.Addr().String(), "timeout": timeout}).Info("listening")
+	log.WithField("addr", l.Addr().String()).Info("listening")
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -153,6 +171,35 @@ func newLogger(level logrus.Level) *logrus.Logger {
 		TimestampFormat: "2006-01-02T15:04:05.000Z07:00",
 	})
 	return l
+}
+
+// parseNetworks parses a comma-separated list of networks in CIDR
+// notation, taking a bare address as the network of that one host.
+func parseNetworks(list string) ([]netip.Prefix, error) {
+	var nets []netip.Prefix
+	for _, f := range strings.Split(list, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		if !strings.Contains(f, "/") {
+			a, err := netip.ParseAddr(f)
+			if err != nil {
+				return nil, err
+			}
+			nets = append(nets, netip.PrefixFrom(a, a.BitLen()))
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return nil, err
+		}
+		nets = append(nets, p)
+	}
+	if len(nets) == 0 {
+		return nil, errors.New("no network given")
+	}
+	return nets, nil
 }
 
 func connLog(log logrus.FieldLogger, c *vgo.Conn) logrus.FieldLogger {
