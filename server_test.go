@@ -858,3 +858,210 @@ func TestNewServerRejectsInvalidOptions(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
 }
+
+// ---------------------------------------------------------------------------
+// Who is connected.
+
+// account is what the test authenticator learns from a client's
+// certificate and token.
+type account struct {
+	user, tenant string
+}
+
+func TestConnIdentityAndTLSState(t *testing.T) {
+	// Mutual TLS: the authenticator sees the client's certificate and the
+	// addresses, and what it returns is the identity every later callback
+	// sees.
+	serverCfg, clientCfg := testTLS(t)
+	serverCfg.ClientAuth = tls.RequireAndVerifyClientCert
+	serverCfg.ClientCAs = clientCfg.RootCAs
+	clientCfg.Certificates = serverCfg.Certificates
+
+	type seen struct {
+		identity any
+		cn       string
+		remote   string
+		local    string
+		value    any
+	}
+	authSeen := make(chan seen, 1)
+	handled := make(chan seen, 1)
+	srv, addr := startServer(t, WithTLSConfig(serverCfg),
+		WithAuthenticator(func(c *Conn, token []byte) (any, error) {
+			authSeen <- seen{cn: c.TLS().PeerCertificates[0].Subject.CommonName,
+				remote: c.RemoteAddr().String(), local: c.LocalAddr().String()}
+			return account{user: c.TLS().PeerCertificates[0].Subject.CommonName, tenant: string(token)}, nil
+		}),
+		WithOnConnOpen(func(c *Conn) { c.SetValue(1) }),
+		WithHandler(func(c *Conn, msg []byte) {
+			c.SetValue(c.Value().(int) + 1)
+			handled <- seen{identity: c.Identity(), cn: c.TLS().PeerCertificates[0].Subject.CommonName,
+				remote: c.RemoteAddr().String(), local: c.LocalAddr().String(), value: c.Value()}
+		}))
+
+	var local string
+	dialer := &net.Dialer{}
+	c := newTestClient(t, addr, WithTLSConfig(clientCfg),
+		WithCredentials(func(context.Context) ([]byte, error) { return []byte("blue"), nil }),
+		WithDialFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := dialer.DialContext(ctx, network, addr)
+			if err == nil {
+				local = nc.LocalAddr().String()
+			}
+			return nc, err
+		}))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	require.NoError(t, c.Send(testContext(t), []byte("hi")))
+
+	auth := recv(t, authSeen)
+	assert.Equal(t, seen{cn: "vgo test", remote: local, local: addr}, auth)
+	got := recv(t, handled)
+	assert.Equal(t, seen{identity: account{user: "vgo test", tenant: "blue"}, cn: "vgo test",
+		remote: local, local: addr, value: 2}, got)
+
+	// The value is readable from other goroutines while the handler
+	// writes it.
+	require.NoError(t, c.Send(testContext(t), []byte("again")))
+	srv.Range(func(conn *Conn) bool {
+		assert.Contains(t, []any{2, 3}, conn.Value())
+		return true
+	})
+	assert.Equal(t, 3, recv(t, handled).value)
+}
+
+func TestConnWithoutAuthenticatorOrTLS(t *testing.T) {
+	opened := make(chan *Conn, 1)
+	_, addr := startServer(t, WithOnConnOpen(func(c *Conn) { opened <- c }))
+	connectClient(t, addr)
+	conn := recv(t, opened)
+	assert.Nil(t, conn.Identity())
+	assert.Nil(t, conn.TLS())
+	assert.Nil(t, conn.Value())
+	assert.Equal(t, addr, conn.LocalAddr().String())
+}
+
+func TestConnContextEndsWhenConnectionCloses(t *testing.T) {
+	// The context ends as soon as the connection starts to close, while
+	// the reader is still held up by a handler waiting on it: the handler
+	// can stop its work for a client that is gone.
+	type ended struct {
+		id    uint64
+		cause error
+	}
+	handling := make(chan uint64, 1)
+	handlerDone := make(chan ended, 1)
+	closed := make(chan error, 1)
+	srv, addr := startServer(t,
+		WithHandler(func(c *Conn, _ []byte) {
+			handling <- c.ID()
+			select {
+			case <-c.Context().Done():
+			case <-time.After(waitFor):
+			}
+			handlerDone <- ended{c.ID(), context.Cause(c.Context())}
+		}),
+		WithOnConnClose(func(c *Conn, err error) { closed <- err }))
+	w := connectClient(t, addr)
+	require.NoError(t, w.Send(testContext(t), []byte("work")))
+	id := recv(t, handling)
+
+	conn, ok := srv.Conn(id)
+	require.True(t, ok, "an open connection is found by its ID")
+	require.NoError(t, conn.Context().Err(), "not canceled while open")
+	require.NoError(t, conn.Close())
+	got := recv(t, handlerDone)
+	assert.Equal(t, id, got.id)
+	assert.ErrorIs(t, got.cause, ErrClosed)
+	assert.ErrorIs(t, recv(t, closed), ErrClosed, "the close callback gets the same cause")
+	assert.ErrorIs(t, context.Cause(conn.Context()), ErrClosed, "a context asked for after the end is already over")
+
+	require.Eventually(t, func() bool {
+		_, ok := srv.Conn(id)
+		return !ok
+	}, waitFor, time.Millisecond, "a closed connection is no longer found")
+	_, ok = srv.Conn(id + 1000)
+	assert.False(t, ok)
+}
+
+func TestConnContextEndsOnPeerClose(t *testing.T) {
+	// The cause is the one the close callback is given.
+	opened := make(chan *Conn, 1)
+	closed := make(chan error, 1)
+	_, addr := startServer(t,
+		WithOnConnOpen(func(c *Conn) { opened <- c }),
+		WithOnConnClose(func(c *Conn, err error) { closed <- err }))
+	w := connectClient(t, addr)
+	conn := recv(t, opened)
+	ctx := conn.Context()
+	require.NoError(t, w.Close())
+	cause := recv(t, closed)
+	<-ctx.Done()
+	assert.Equal(t, cause, context.Cause(ctx))
+	assert.Equal(t, CloseNormal, closeErr(t, context.Cause(ctx)).Code)
+}
+
+func TestConnContextEndsWhenHandshakeFailsAfterAuthentication(t *testing.T) {
+	// What the authenticator sets up is released through the context even
+	// when the connection never opens, and so never reaches the close
+	// callback: here the server shuts down before the hello goes out.
+	entered := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unblock := func() { releaseOnce.Do(func() { close(release) }) }
+	var sessions atomic.Int32
+	released := make(chan error, 1)
+	l := listen(t)
+	srv, _ := serveOn(t, l,
+		WithAuthenticator(func(c *Conn, _ []byte) (any, error) {
+			sessions.Add(1)
+			context.AfterFunc(c.Context(), func() {
+				sessions.Add(-1)
+				released <- context.Cause(c.Context())
+			})
+			entered <- struct{}{}
+			<-release
+			return "someone", nil
+		}),
+		WithOnConnOpen(func(*Conn) { t.Error("the connection must not open") }),
+		WithOnConnClose(func(*Conn, error) { t.Error("a connection that never opened is not reported closed") }))
+	t.Cleanup(unblock)
+	c := newTestClient(t, l.Addr().String(), WithMaxAttempts(1))
+	recv(t, entered)
+
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(testContext(t)) }()
+	// Shutdown closes the connection under the running authenticator.
+	assert.ErrorIs(t, recv(t, released), ErrServerClosed)
+	assert.Zero(t, sessions.Load())
+	unblock()
+	require.NoError(t, recv(t, shut))
+	<-c.Done()
+	assert.Equal(t, CloseGoingAway, closeErr(t, c.Err()).Code, "client saw %v", c.Err())
+}
+
+func TestServerAddr(t *testing.T) {
+	srv, err := NewServer(WithLogger(quietLogger()))
+	require.NoError(t, err)
+	assert.Nil(t, srv.Addr(), "nil before Serve")
+
+	served := make(chan error, 1)
+	go func() { served <- srv.ListenAndServe("127.0.0.1:0") }()
+	require.Eventually(t, func() bool { return srv.Addr() != nil }, waitFor, time.Millisecond)
+	addr := srv.Addr().String()
+	assert.NotEqual(t, "127.0.0.1:0", addr, "the port actually bound")
+	connectClient(t, addr)
+
+	require.NoError(t, srv.Close())
+	require.ErrorIs(t, recv(t, served), ErrServerClosed)
+	assert.Nil(t, srv.Addr(), "nil once Serve has returned")
+}
+
+func TestWaitConnectedBeforeStart(t *testing.T) {
+	_, addr := startServer(t)
+	c, err := NewClient(addr, WithLogger(quietLogger()))
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	assert.ErrorIs(t, c.WaitConnected(testContext(t)), ErrNotStarted, "fails at once rather than wait for ctx")
+	c.Start()
+	require.NoError(t, c.WaitConnected(testContext(t)))
+}
