@@ -41,6 +41,15 @@
 // shuts down gracefully asks its clients to spread their return over a
 // window (WithDrainWindow).
 //
+// # Connections
+//
+// On the server each client is a *Conn. It carries what the server knows
+// of the client: its ID (Server.Conn finds an open connection by it), its
+// address, the real one behind a load balancer that sends the PROXY
+// protocol (WithProxyProtocol), its TLS state, the identity the
+// authenticator gave it (WithAuthenticator), a slot for the application's
+// own value, and a context that ends with the connection.
+//
 // # Concurrency
 //
 // Client, Server and Conn methods are safe for concurrent use. Each

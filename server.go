@@ -489,11 +489,14 @@ func (s *Server) trusts(addr net.Addr) bool {
 	if s.opts.trustedProxies == nil {
 		return false
 	}
-	ap, err := netip.ParseAddrPort(addr.String())
-	if err != nil {
+	var ip netip.Addr
+	if ta, ok := addr.(*net.TCPAddr); ok {
+		ip = ta.AddrPort().Addr().Unmap()
+	} else if ap, err := netip.ParseAddrPort(addr.String()); err == nil {
+		ip = ap.Addr().Unmap()
+	} else {
 		return false
 	}
-	ip := ap.Addr().Unmap()
 	for _, p := range s.opts.trustedProxies {
 		if p.Contains(ip) {
 			return true
