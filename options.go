@@ -161,7 +161,9 @@ func WithHandshakeTimeout(d time.Duration) Option {
 
 // WithPingInterval sets how often a connected client pings the server. The
 // default is DefaultPingInterval (5s); negative turns heartbeats off, and
-// with them dead-peer detection.
+// with them dead-peer detection, unless the server asks for pings: a vgo
+// server announces the longest interval it accepts, and the client then
+// pings at that interval (see WithPingIntervalRange).
 func WithPingInterval(d time.Duration) ClientOption {
 	return clientOption(func(o *clientOptions) { o.pingInterval = d })
 }
