@@ -165,7 +165,8 @@ func (s *Server) accept(nc net.Conn) {
 			// read beneath it. The wrapper reads nothing until the
 			// handshake asks it to, and then within the handshake's
 			// deadline.
-			c.proxied = proxyproto.NewConn(nc,
+			c.heard = &heardConn{Conn: nc}
+			c.proxied = proxyproto.NewConn(c.heard,
 				proxyproto.WithPolicy(proxyproto.USE), proxyproto.SetReadHeaderTimeout(0))
 			nc = c.proxied
 		}
@@ -305,6 +306,9 @@ func (s *Server) handshake(c *Conn) error {
 			// A read of nothing reads the header, if one comes, and
 			// none of the TLS stream after it.
 			if _, err := c.proxied.Read(nil); err != nil {
+				if !c.heard.heard && endedUnheard(err) {
+					return errProbe
+				}
 				return proxyHeaderError(err)
 			}
 			s.useProxyHeader(c, c.proxied.ProxyHeader())
@@ -500,6 +504,22 @@ func (s *Server) trusts(addr net.Addr) bool {
 		}
 	}
 	return false
+}
+
+// heardConn notes whether anything was read from a connection. The PROXY
+// header's reader reports a reset before the first byte as it does one
+// inside the header, and only the first is a probe.
+type heardConn struct {
+	net.Conn
+	heard bool
+}
+
+func (c *heardConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.heard = true
+	}
+	return n, err
 }
 
 // errProbe is the end of a connection closed before it sent a hello.
@@ -718,6 +738,7 @@ type Conn struct {
 	log           logrus.FieldLogger
 	trusted       bool             // its source may send a PROXY header
 	proxied       *proxyproto.Conn // under TLS from a trusted source: reads the header
+	heard         *heardConn       // beneath proxied
 	tlsState      *tls.ConnectionState
 	identity      any
 
