@@ -497,7 +497,9 @@ func (s *Server) trusts(addr net.Addr) bool {
 	if err != nil {
 		return false
 	}
-	ip := ap.Addr().Unmap()
+	// A link-local peer's address carries the zone it came in on, and a
+	// prefix never contains a zoned address.
+	ip := ap.Addr().Unmap().WithZone("")
 	for _, p := range s.opts.trustedProxies {
 		if p.Contains(ip) {
 			return true
