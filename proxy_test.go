@@ -3,6 +3,7 @@ package vgo
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -599,6 +600,43 @@ func TestProxyHeaderUnderTLS(t *testing.T) {
 			})
 		}
 	})
+}
+
+func TestProxyShutdownDuringTLSHandshake(t *testing.T) {
+	// Shutdown sends nothing on a connection still in its TLS handshake:
+	// a write there would run the handshake on the link's writer, beside
+	// the connection's own goroutine reading the PROXY header. The race
+	// detector sees the difference; the client sees the end either way.
+	serverTLS, clientTLS := testTLS(t)
+	l := listen(t)
+	srv, sv := serveOn(t, l, WithTLSConfig(serverTLS), WithProxyProtocol(loopbackNet))
+	nc, err := net.DialTimeout("tcp", l.Addr().String(), waitFor)
+	require.NoError(t, err)
+	t.Cleanup(func() { nc.Close() })
+	require.Eventually(t, func() bool {
+		srv.mu.Lock()
+		defer srv.mu.Unlock()
+		return len(srv.conns) == 1
+	}, waitFor, time.Millisecond)
+
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(testContext(t)) }()
+	require.Eventually(t, srv.isClosing, waitFor, time.Millisecond)
+	// The header and the TLS handshake arrive while Shutdown runs.
+	_, _ = nc.Write(proxyHeader(t, 2, clientV4, frontendV4))
+	tc := tls.Client(nc, clientTLS)
+	require.NoError(t, tc.SetDeadline(time.Now().Add(waitFor)))
+	if tc.Handshake() == nil {
+		// The server finished its handshake before Shutdown got to the
+		// connection, which may then be told why it ends.
+		ft, p, err := newFrameReader(tc, DefaultMaxFrameSize).next()
+		if err == nil {
+			require.Equal(t, frameClose, ft)
+			require.Equal(t, CloseGoingAway, parseClose(p).Code)
+		}
+	}
+	require.NoError(t, recv(t, shut))
+	require.ErrorIs(t, sv.wait(t), ErrServerClosed)
 }
 
 func TestWithProxyProtocolValidation(t *testing.T) {

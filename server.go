@@ -320,7 +320,9 @@ func (s *Server) handshake(c *Conn) error {
 			return handshakeError("TLS handshake", err)
 		}
 		state := tc.ConnectionState()
+		s.mu.Lock() // Shutdown reads it
 		c.tlsState = &state
+		s.mu.Unlock()
 		c.l.startHandshake(deadline)
 	} else {
 		c.l.startHandshake(deadline)
@@ -626,11 +628,12 @@ func (s *Server) Close() error {
 
 // Shutdown stops the server gracefully: it stops accepting, sends every
 // open connection a goodbye frame (see WithDrainWindow) and every
-// connection a going-away close frame, waits up to 250ms, less if ctx ends
-// sooner, for those frames to leave, closes the connections, then waits for
-// their goroutines to exit. If ctx ends first it returns ctx.Err(); call
-// Close to finish the job. Serve returns ErrServerClosed. Like Close, it
-// must not be called from a handler or callback.
+// connection a going-away close frame (over TLS, every one past its TLS
+// handshake; the others are closed at once), waits up to 250ms, less if
+// ctx ends sooner, for those frames to leave, closes the connections, then
+// waits for their goroutines to exit. If ctx ends first it returns
+// ctx.Err(); call Close to finish the job. Serve returns ErrServerClosed.
+// Like Close, it must not be called from a handler or callback.
 func (s *Server) Shutdown(ctx context.Context) error {
 	// Every connection gets its close frame at once, and the whole server
 	// waits once, briefly, for them to leave: a slow peer must not hold up
@@ -650,7 +653,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			// plans its reconnect.
 			c.l.queueFrame(frameGoodbye, goodbye)
 		}
+		// Nothing can be sent before a TLS handshake, and a write would
+		// run one on the writer, beside the connection's own goroutine
+		// reading the same socket.
+		unsealed := s.opts.tlsConfig != nil && c.tlsState == nil
 		s.mu.Unlock()
+		if unsealed {
+			c.l.shutdown(ErrServerClosed)
+			continue
+		}
 		c.l.queueClose(CloseGoingAway, "server shutting down", ErrServerClosed)
 	}
 	for _, c := range conns {
