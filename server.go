@@ -165,7 +165,8 @@ func (s *Server) accept(nc net.Conn) {
 			// read beneath it. The wrapper reads nothing until the
 			// handshake asks it to, and then within the handshake's
 			// deadline.
-			c.proxied = proxyproto.NewConn(nc,
+			c.heard = &heardConn{Conn: nc}
+			c.proxied = proxyproto.NewConn(c.heard,
 				proxyproto.WithPolicy(proxyproto.USE), proxyproto.SetReadHeaderTimeout(0))
 			nc = c.proxied
 		}
@@ -305,6 +306,9 @@ func (s *Server) handshake(c *Conn) error {
 			// A read of nothing reads the header, if one comes, and
 			// none of the TLS stream after it.
 			if _, err := c.proxied.Read(nil); err != nil {
+				if !c.heard.heard && endedUnheard(err) {
+					return errProbe
+				}
 				return proxyHeaderError(err)
 			}
 			s.useProxyHeader(c, c.proxied.ProxyHeader())
@@ -316,7 +320,9 @@ func (s *Server) handshake(c *Conn) error {
 			return handshakeError("TLS handshake", err)
 		}
 		state := tc.ConnectionState()
+		s.mu.Lock() // Shutdown reads it
 		c.tlsState = &state
+		s.mu.Unlock()
 		c.l.startHandshake(deadline)
 	} else {
 		c.l.startHandshake(deadline)
@@ -497,12 +503,31 @@ func (s *Server) trusts(addr net.Addr) bool {
 	} else {
 		return false
 	}
+	// A link-local peer's address carries the zone it came in on, and a
+	// prefix never contains a zoned address.
+	ip = ip.WithZone("")
 	for _, p := range s.opts.trustedProxies {
 		if p.Contains(ip) {
 			return true
 		}
 	}
 	return false
+}
+
+// heardConn notes whether anything was read from a connection. The PROXY
+// header's reader reports a reset before the first byte as it does one
+// inside the header, and only the first is a probe.
+type heardConn struct {
+	net.Conn
+	heard bool
+}
+
+func (c *heardConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.heard = true
+	}
+	return n, err
 }
 
 // errProbe is the end of a connection closed before it sent a hello.
@@ -607,11 +632,12 @@ func (s *Server) Close() error {
 
 // Shutdown stops the server gracefully: it stops accepting, sends every
 // open connection a goodbye frame (see WithDrainWindow) and every
-// connection a going-away close frame, waits up to 250ms, less if ctx ends
-// sooner, for those frames to leave, closes the connections, then waits for
-// their goroutines to exit. If ctx ends first it returns ctx.Err(); call
-// Close to finish the job. Serve returns ErrServerClosed. Like Close, it
-// must not be called from a handler or callback.
+// connection a going-away close frame (over TLS, every one past its TLS
+// handshake; the others are closed at once), waits up to 250ms, less if
+// ctx ends sooner, for those frames to leave, closes the connections, then
+// waits for their goroutines to exit. If ctx ends first it returns
+// ctx.Err(); call Close to finish the job. Serve returns ErrServerClosed.
+// Like Close, it must not be called from a handler or callback.
 func (s *Server) Shutdown(ctx context.Context) error {
 	// Every connection gets its close frame at once, and the whole server
 	// waits once, briefly, for them to leave: a slow peer must not hold up
@@ -631,7 +657,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			// plans its reconnect.
 			c.l.queueFrame(frameGoodbye, goodbye)
 		}
+		// Nothing can be sent before a TLS handshake, and a write would
+		// run one on the writer, beside the connection's own goroutine
+		// reading the same socket.
+		unsealed := s.opts.tlsConfig != nil && c.tlsState == nil
 		s.mu.Unlock()
+		if unsealed {
+			c.l.shutdown(ErrServerClosed)
+			continue
+		}
 		c.l.queueClose(CloseGoingAway, "server shutting down", ErrServerClosed)
 	}
 	for _, c := range conns {
@@ -721,6 +755,7 @@ type Conn struct {
 	log           logrus.FieldLogger
 	trusted       bool             // its source may send a PROXY header
 	proxied       *proxyproto.Conn // under TLS from a trusted source: reads the header
+	heard         *heardConn       // beneath proxied
 	tlsState      *tls.ConnectionState
 	identity      any
 
