@@ -573,14 +573,16 @@ func TestProxyHeaderUnderTLS(t *testing.T) {
 
 	t.Run("refused", func(t *testing.T) {
 		for _, tc := range []struct {
-			name     string
-			opt      ServerOption
-			header   []byte
-			protocol bool // counted as a protocol error
+			name   string
+			opt    ServerOption
+			header []byte
 		}{
-			// Where no header is expected, the TLS handshake fails on it.
-			{"untrusted source", WithProxyProtocol(elsewhereNet), proxyHeader(t, 2, clientV4, frontendV4), false},
-			{"malformed from trusted", WithProxyProtocol(loopbackNet), append(v2Prefix(0x21, 0x11, 4), 1, 2, 3, 4), true},
+			// Where no header is expected, it fails the TLS handshake,
+			// and the server tells it from other garbage.
+			{"untrusted source", WithProxyProtocol(elsewhereNet), proxyHeader(t, 2, clientV4, frontendV4)},
+			{"PROXY protocol off, v1", nil, proxyHeader(t, 1, clientV4, frontendV4)},
+			{"PROXY protocol off, v2", nil, proxyHeader(t, 2, clientV4, frontendV4)},
+			{"malformed from trusted", WithProxyProtocol(loopbackNet), append(v2Prefix(0x21, 0x11, 4), 1, 2, 3, 4)},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				openOpt, opens := reportOpen()
@@ -591,9 +593,7 @@ func TestProxyHeaderUnderTLS(t *testing.T) {
 				err := oneAttempt(t, addr, WithTLSConfig(clientTLS), WithDialFunc(dialWithHeader(tc.header, nil)))
 				require.ErrorIs(t, err, ErrGaveUp)
 				requireNoneOpened(t, opens)
-				if tc.protocol {
-					require.Eventually(t, func() bool { return srv.Stats().ProtocolErrors == 1 }, waitFor, time.Millisecond)
-				}
+				require.Eventually(t, func() bool { return srv.Stats().ProtocolErrors == 1 }, waitFor, time.Millisecond)
 				good.roundTrip(t, "unaffected")
 				good.requireStillConnected(t)
 				require.Equal(t, 1, srv.Len())

@@ -1,6 +1,7 @@
 package vgo
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -314,8 +315,12 @@ func (s *Server) handshake(c *Conn) error {
 			s.useProxyHeader(c, c.proxied.ProxyHeader())
 		}
 		if err := tc.Handshake(); err != nil {
-			if endedUnheard(err) {
+			var rh tls.RecordHeaderError
+			switch {
+			case endedUnheard(err):
 				return errProbe
+			case errors.As(err, &rh) && isProxySignature(rh.RecordHeader[:]):
+				return s.unwantedProxyHeader(c)
 			}
 			return handshakeError("TLS handshake", err)
 		}
@@ -448,15 +453,28 @@ func (s *Server) readProxyHeader(c *Conn) error {
 		return nil
 	case failedRead(err):
 		return proxyHeaderError(err)
-	case !c.trusted && s.opts.trustedProxies == nil:
-		return protocolErrorf("PROXY protocol header, which this server does not accept")
 	case !c.trusted:
-		return protocolErrorf("PROXY protocol header from %s, which is not a trusted proxy", c.remote)
+		return s.unwantedProxyHeader(c)
 	case err != nil:
 		return proxyHeaderError(err)
 	}
 	s.useProxyHeader(c, h)
 	return nil
+}
+
+// unwantedProxyHeader is the error for a PROXY header from a source that
+// may not send one.
+func (s *Server) unwantedProxyHeader(c *Conn) error {
+	if s.opts.trustedProxies == nil {
+		return protocolErrorf("PROXY protocol header, which this server does not accept")
+	}
+	return protocolErrorf("PROXY protocol header from %s, which is not a trusted proxy", c.remote)
+}
+
+// isProxySignature reports whether b, the first five bytes of a stream,
+// begin a PROXY protocol header of either version.
+func isProxySignature(b []byte) bool {
+	return bytes.HasPrefix(proxyproto.SIGV1, b) || bytes.HasPrefix(proxyproto.SIGV2, b)
 }
 
 // proxyHeaderError tells a PROXY header that could not be read, because
