@@ -20,7 +20,7 @@ import (
 	"github.com/vgonet/vgo/vgotest"
 )
 
-var soakFor = flag.Duration("soak", 3*time.Second, "how long TestSoak injects faults")
+var soakFor = flag.Duration("soak", 3*time.Second, "how long TestSoak injects faults; from 30s on, TestHAProxyIdleDefaults runs too")
 
 // soakMessage is a numbered message whose body is derived from its number,
 // so the receiver can tell corruption from a different message.
