@@ -17,6 +17,7 @@ import (
 	"errors"
 	"expvar"
 	"flag"
+	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
@@ -58,7 +59,7 @@ func main() {
 	opts := []vgo.ServerOption{vgo.WithHeartbeatTimeout(*timeout)}
 	if trusted != nil {
 		opts = append(opts, vgo.WithProxyProtocol(trusted...))
-		log.WithField("trusted", flag.Lookup("proxy-protocol").Value.String()).Info("PROXY protocol on")
+		log.WithField("trusted", fmt.Sprint(trusted)).Info("PROXY protocol on")
 	}
 	if err := run(*addr, *statsAddr, opts, log); err != nil {
 		log.WithField("err", err).Error("server failed")
