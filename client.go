@@ -111,7 +111,9 @@ func (c *Client) Start() {
 
 // WaitConnected blocks until the client is connected, and returns nil. It
 // returns ctx.Err() if ctx ends first, and the client's Err if it stops
-// first. Called before Start, it fails at once with ErrNotStarted.
+// first. If Start has not been called yet it fails at once with
+// ErrNotStarted, rather than wait for a connection that will never come:
+// call Start first, not in a goroutine of its own.
 func (c *Client) WaitConnected(ctx context.Context) error {
 	for {
 		c.mu.Lock()

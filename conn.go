@@ -95,9 +95,10 @@ type link struct {
 	once sync.Once
 	done chan struct{}
 	err  error // first cause; read only after done is closed
-	// onDown, if set, is called once with the first cause when the link
-	// goes down.
-	onDown func(cause error)
+	// onClosing, if set, is called once with the cause when the link
+	// starts to close: when its close frame is queued, or when it goes
+	// down without one.
+	onClosing func(cause error)
 }
 
 // newLink returns a link over nc, which runs over raw (the same connection
@@ -161,6 +162,7 @@ func (l *link) shutdown(err error) error {
 	l.once.Do(func() {
 		l.mu.Lock()
 		l.closed = true
+		announced := l.closing != nil
 		if l.closing != nil {
 			// The peer may hang up on our close frame before closeWith
 			// gets here; the disconnect is still ours.
@@ -173,8 +175,8 @@ func (l *link) shutdown(err error) error {
 		// to send close_notify into a socket that may be full.
 		l.raw.Close()
 		close(l.done)
-		if l.onDown != nil {
-			l.onDown(err)
+		if !announced && l.onClosing != nil {
+			l.onClosing(err)
 		}
 	})
 	<-l.done
@@ -508,10 +510,14 @@ func (l *link) closeWith(code CloseCode, reason string, cause error) {
 // go down with.
 func (l *link) queueClose(code CloseCode, reason string, cause error) {
 	l.mu.Lock()
-	if !l.closed && l.closing == nil {
+	first := !l.closed && l.closing == nil
+	if first {
 		l.closing = cause
 	}
 	l.mu.Unlock()
+	if first && l.onClosing != nil {
+		l.onClosing(cause)
+	}
 	l.queueFrame(frameClose, marshalClose(code, reason))
 }
 

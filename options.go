@@ -366,10 +366,12 @@ func WithAuthenticator(fn func(c *Conn, credentials []byte) (identity any, err e
 // address rather than the balancer's. A trusted source may also connect
 // without a header, and is then taken at its own address: a network can
 // hold both a balancer and clients that dial directly. A header from any
-// other source is refused with a protocol error, so no client can claim
-// another's address. A header with the LOCAL command, which a balancer
-// sends for its own health checks, keeps the connection's own addresses.
-// By default the PROXY protocol is off and every header is refused.
+// other source is refused with a protocol error, so only a trusted source
+// can say where a connection comes from; since any of them can, list only
+// the balancers' own addresses. A header with the LOCAL command, which a
+// balancer sends for its own health checks, keeps the connection's own
+// addresses. By default the PROXY protocol is off and every header is
+// refused.
 func WithProxyProtocol(trusted ...netip.Prefix) ServerOption {
 	return serverOption(func(o *serverOptions) {
 		o.trustedProxies = append([]netip.Prefix{}, trusted...)
@@ -517,6 +519,13 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	for i, p := range o.trustedProxies {
 		if !p.IsValid() {
 			return o, invalid("trusted proxy network %d is not valid", i+1)
+		}
+		if p.Addr().Is4In6() {
+			// Peers are matched by their IPv4 address, unmapped.
+			if p.Bits() < 96 {
+				return o, invalid("trusted proxy network %v mixes IPv4 and IPv6", p)
+			}
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		o.trustedProxies[i] = p.Masked()
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -496,6 +497,30 @@ func TestHealthProbes(t *testing.T) {
 	}
 }
 
+// clientHelloRecord returns the first flight of a TLS client: one record
+// holding a complete ClientHello.
+func clientHelloRecord(t *testing.T) []byte {
+	t.Helper()
+	client, server := net.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = tls.Client(client, &tls.Config{ServerName: "vgo.test"}).Handshake()
+	}()
+	defer func() {
+		server.Close()
+		client.Close()
+		<-done
+	}()
+	header := make([]byte, 5)
+	_, err := io.ReadFull(server, header)
+	require.NoError(t, err)
+	body := make([]byte, binary.BigEndian.Uint16(header[3:]))
+	_, err = io.ReadFull(server, body)
+	require.NoError(t, err)
+	return append(header, body...)
+}
+
 func TestHalfHelloIsNotAProbe(t *testing.T) {
 	// A peer that sent part of a hello, or of a TLS ClientHello, was no
 	// health check: its failure is worth a warning.
@@ -512,6 +537,12 @@ func TestHalfHelloIsNotAProbe(t *testing.T) {
 		{"TLS", []ServerOption{WithTLSConfig(serverTLS)}, []byte{0x16, 0x03, 0x01, 0x00}},
 		{"TLS after a PROXY header", []ServerOption{WithTLSConfig(serverTLS), WithProxyProtocol(loopbackNet)},
 			slices.Concat(proxyHeader(t, 1, clientV4, frontendV4), []byte{0x16, 0x03})},
+		// A whole ClientHello: the server answers it and then finds the
+		// connection closed, as when a client rejects the certificate
+		// without a word.
+		{"TLS, a whole ClientHello", []ServerOption{WithTLSConfig(serverTLS)}, clientHelloRecord(t)},
+		{"TLS after a PROXY header, a whole ClientHello", []ServerOption{WithTLSConfig(serverTLS), WithProxyProtocol(loopbackNet)},
+			slices.Concat(proxyHeader(t, 2, clientV4, frontendV4), clientHelloRecord(t))},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			log, hook := capturedLogger()
@@ -647,6 +678,7 @@ func TestWithProxyProtocolValidation(t *testing.T) {
 		"empty slice":       WithProxyProtocol([]netip.Prefix{}...),
 		"prefix length 33":  WithProxyProtocol(netip.PrefixFrom(netip.MustParseAddr("10.0.0.0"), 33)),
 		"prefix without IP": WithProxyProtocol(netip.PrefixFrom(netip.Addr{}, 8)),
+		"mapped and wider":  WithProxyProtocol(netip.MustParsePrefix("::ffff:0.0.0.0/64")),
 	} {
 		t.Run(name, func(t *testing.T) {
 			s, err := NewServer(WithLogger(quietLogger()), opt)
@@ -656,10 +688,11 @@ func TestWithProxyProtocolValidation(t *testing.T) {
 	}
 
 	// Host bits are ignored; an IPv4 peer reached over IPv6 is still the
-	// IPv4 address it is; a link-local peer's zone only names the
-	// interface it came in on.
+	// IPv4 address it is, and so is a network written IPv4-mapped; a
+	// link-local peer's zone only names the interface it came in on.
 	s, err := NewServer(WithLogger(quietLogger()), WithProxyProtocol(netip.MustParsePrefix("10.1.2.3/8"),
-		netip.MustParsePrefix("2001:db8::/32"), netip.MustParsePrefix("fe80::/10")))
+		netip.MustParsePrefix("2001:db8::/32"), netip.MustParsePrefix("fe80::/10"),
+		netip.MustParsePrefix("::ffff:192.0.2.0/120")))
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Close() })
 	for addr, want := range map[string]bool{
@@ -674,6 +707,8 @@ func TestWithProxyProtocolValidation(t *testing.T) {
 		"[fe80::1]:5000":           true,
 		"[fec0::1%eth0]:5000":      false,
 		"10.0.0.1:5000:extra-junk": false,
+		"192.0.2.77:5000":          true,
+		"192.0.3.1:5000":           false,
 	} {
 		assert.Equal(t, want, s.trusts(fakeAddr(addr)), addr)
 	}

@@ -1,6 +1,7 @@
 package vgo
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -131,6 +132,7 @@ func isTemporary(err error) bool {
 // server is shutting down, at its connection limit or at its bound on
 // handshakes.
 func (s *Server) accept(nc net.Conn) {
+	trusted := s.trusts(nc.RemoteAddr())
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -152,29 +154,20 @@ func (s *Server) accept(nc net.Conn) {
 	refused := s.throttled
 	s.throttled = 0
 	c := &Conn{
-		id:     s.nextID.Add(1),
-		srv:    s,
-		remote: nc.RemoteAddr(),
-		local:  nc.LocalAddr(),
+		id:      s.nextID.Add(1),
+		srv:     s,
+		remote:  nc.RemoteAddr(),
+		local:   nc.LocalAddr(),
+		trusted: trusted,
 	}
-	c.trusted = s.trusts(c.remote)
 	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String()})
 	raw := nc
 	if s.opts.tlsConfig != nil {
-		if c.trusted {
-			// The PROXY header comes ahead of the TLS stream, so it is
-			// read beneath it. The wrapper reads nothing until the
-			// handshake asks it to, and then within the handshake's
-			// deadline.
-			c.heard = &heardConn{Conn: nc}
-			c.proxied = proxyproto.NewConn(c.heard,
-				proxyproto.WithPolicy(proxyproto.USE), proxyproto.SetReadHeaderTimeout(0))
-			nc = c.proxied
-		}
-		nc = tls.Server(nc, s.opts.tlsConfig)
+		c.underTLS = &underTLS{Conn: nc}
+		nc = tls.Server(c.underTLS, s.opts.tlsConfig)
 	}
 	c.l = newLink(nc, raw, &s.opts.commonOptions, ErrClosed)
-	c.l.onDown = c.ended
+	c.l.onClosing = c.ended
 	s.conns[c.id] = c
 	s.wg.Add(1)
 	s.mu.Unlock()
@@ -303,30 +296,23 @@ func (s *Server) handshake(c *Conn) error {
 		if err := tc.SetDeadline(deadline); err != nil {
 			return err
 		}
-		if c.proxied != nil {
-			// A read of nothing reads the header, if one comes, and
-			// none of the TLS stream after it.
-			if _, err := c.proxied.Read(nil); err != nil {
-				if !c.heard.heard && endedUnheard(err) {
-					return errProbe
-				}
-				return proxyHeaderError(err)
+		if c.trusted {
+			if err := s.readProxyHeaderUnderTLS(c); err != nil {
+				return err
 			}
-			s.useProxyHeader(c, c.proxied.ProxyHeader())
 		}
 		if err := tc.Handshake(); err != nil {
 			var rh tls.RecordHeaderError
 			switch {
-			case endedUnheard(err):
+			case endedUnheard(err) && !c.underTLS.heard:
 				return errProbe
 			case errors.As(err, &rh) && isProxySignature(rh.RecordHeader[:]):
 				return s.unwantedProxyHeader(c)
 			}
 			return handshakeError("TLS handshake", err)
 		}
-		state := tc.ConnectionState()
-		s.mu.Lock() // Shutdown reads it
-		c.tlsState = &state
+		s.mu.Lock()
+		c.sealed = true
 		s.mu.Unlock()
 		c.l.startHandshake(deadline)
 	} else {
@@ -334,10 +320,12 @@ func (s *Server) handshake(c *Conn) error {
 		if err := c.awaitHello(); err != nil {
 			return err
 		}
-		if err := s.readProxyHeader(c); err != nil {
+		if err := s.readProxyHeader(c, c.l.fr.br); err != nil {
 			return err
 		}
 	}
+	// A balancer's check may also end right after a PROXY header, or
+	// after a TLS handshake.
 	if err := c.awaitHello(); err != nil {
 		return err
 	}
@@ -364,7 +352,7 @@ func (s *Server) handshake(c *Conn) error {
 		if err != nil {
 			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
-		c.identity = identity
+		c.identity.Store(&identity)
 	}
 	mine := hello{
 		version:          ProtocolVersion,
@@ -443,23 +431,83 @@ func (c *Conn) awaitHello() error {
 	return nil
 }
 
-// readProxyHeader reads a PROXY protocol header from the start of a plain
-// TCP connection, if one is there, and takes the client's address from it.
-// Only a trusted source may send one.
-func (s *Server) readProxyHeader(c *Conn) error {
-	h, err := proxyproto.Read(c.l.fr.br)
+// readProxyHeader reads a PROXY protocol header from br, the start of a
+// connection, if one is there, and takes the client's address from it.
+// From a source that may not send one only the signature is looked at, so
+// that nothing of it is parsed or allocated for.
+func (s *Server) readProxyHeader(c *Conn, br *bufio.Reader) error {
+	if !c.trusted {
+		if b, _ := br.Peek(1); len(b) == 1 && b[0] != proxyproto.SIGV1[0] && b[0] != proxyproto.SIGV2[0] {
+			return nil
+		}
+		if b, _ := br.Peek(len(proxyproto.SIGV1)); isProxySignature(b) {
+			return s.unwantedProxyHeader(c)
+		}
+		return nil
+	}
+	h, err := proxyproto.Read(br)
 	switch {
 	case errors.Is(err, proxyproto.ErrNoProxyProtocol):
 		return nil
-	case failedRead(err):
-		return proxyHeaderError(err)
-	case !c.trusted:
-		return s.unwantedProxyHeader(c)
 	case err != nil:
 		return proxyHeaderError(err)
 	}
 	s.useProxyHeader(c, h)
 	return nil
+}
+
+// readProxyHeaderUnderTLS reads the PROXY header that a trusted source may
+// send ahead of the TLS stream, and leaves what follows it to the TLS
+// handshake.
+func (s *Server) readProxyHeaderUnderTLS(c *Conn) error {
+	u := c.underTLS
+	br := bufio.NewReaderSize(u, proxyHeaderBuffer)
+	if _, err := br.Peek(1); err != nil {
+		if endedUnheard(err) {
+			return errProbe
+		}
+		return handshakeError("TLS handshake", err)
+	}
+	if err := s.readProxyHeader(c, br); err != nil {
+		return err
+	}
+	if n := br.Buffered(); n > 0 {
+		u.pending, _ = br.Peek(n)
+	}
+	// What counts from here on is whether anything came after the
+	// header.
+	u.heard = len(u.pending) > 0
+	return nil
+}
+
+// proxyHeaderBuffer holds a version 1 header, which must fit whole, and
+// the fixed part of a version 2 one; its addresses and extensions are
+// read through it.
+const proxyHeaderBuffer = 256
+
+// underTLS is the connection under a server's TLS: it hands the TLS layer
+// what was read past a PROXY header first, and notes whether the peer
+// sent anything, which tells a health probe from a failed handshake.
+type underTLS struct {
+	net.Conn
+	pending []byte
+	heard   bool
+}
+
+func (u *underTLS) Read(b []byte) (int, error) {
+	if len(u.pending) > 0 {
+		n := copy(b, u.pending)
+		u.pending = u.pending[n:]
+		if len(u.pending) == 0 {
+			u.pending = nil
+		}
+		return n, nil
+	}
+	n, err := u.Conn.Read(b)
+	if n > 0 {
+		u.heard = true
+	}
+	return n, err
 }
 
 // unwantedProxyHeader is the error for a PROXY header from a source that
@@ -474,7 +522,8 @@ func (s *Server) unwantedProxyHeader(c *Conn) error {
 // isProxySignature reports whether b, the first five bytes of a stream,
 // begin a PROXY protocol header of either version.
 func isProxySignature(b []byte) bool {
-	return bytes.HasPrefix(proxyproto.SIGV1, b) || bytes.HasPrefix(proxyproto.SIGV2, b)
+	return len(b) == len(proxyproto.SIGV1) &&
+		(bytes.Equal(b, proxyproto.SIGV1) || bytes.HasPrefix(proxyproto.SIGV2, b))
 }
 
 // proxyHeaderError tells a PROXY header that could not be read, because
@@ -530,22 +579,6 @@ func (s *Server) trusts(addr net.Addr) bool {
 		}
 	}
 	return false
-}
-
-// heardConn notes whether anything was read from a connection. The PROXY
-// header's reader reports a reset before the first byte as it does one
-// inside the header, and only the first is a probe.
-type heardConn struct {
-	net.Conn
-	heard bool
-}
-
-func (c *heardConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	if n > 0 {
-		c.heard = true
-	}
-	return n, err
 }
 
 // errProbe is the end of a connection closed before it sent a hello.
@@ -678,7 +711,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		// Nothing can be sent before a TLS handshake, and a write would
 		// run one on the writer, beside the connection's own goroutine
 		// reading the same socket.
-		unsealed := s.opts.tlsConfig != nil && c.tlsState == nil
+		unsealed := s.opts.tlsConfig != nil && !c.sealed
 		s.mu.Unlock()
 		if unsealed {
 			c.l.shutdown(ErrServerClosed)
@@ -771,20 +804,24 @@ type Conn struct {
 	// read after that: a PROXY header replaces the addresses.
 	remote, local net.Addr
 	log           logrus.FieldLogger
-	trusted       bool             // its source may send a PROXY header
-	proxied       *proxyproto.Conn // under TLS from a trusted source: reads the header
-	heard         *heardConn       // beneath proxied
-	tlsState      *tls.ConnectionState
-	identity      any
-
-	value atomic.Pointer[any]
-
-	ctxMu  sync.Mutex
-	ctx    context.Context // made on first use
-	cancel context.CancelCauseFunc
+	underTLS      *underTLS // with TLS
+	trusted       bool      // its source may send a PROXY header
 
 	opened  bool // guarded by srv.mu
 	working bool // in its handshake, with bytes received; guarded by srv.mu
+	sealed  bool // past its TLS handshake; guarded by srv.mu
+
+	identity, value atomic.Pointer[any]
+	// ctx is made on first use; closing holds the cause the connection
+	// began to close with, for a context made after that.
+	ctx     atomic.Pointer[connContext]
+	closing atomic.Pointer[error]
+}
+
+// connContext is a connection's context and the function that ends it.
+type connContext struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
 }
 
 // Conn returns the open connection with the given ID, if the server has
@@ -812,19 +849,30 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 func (c *Conn) LocalAddr() net.Addr { return c.local }
 
 // TLS returns the state of the connection's TLS session, with the
-// client's certificates under mutual TLS, or nil for plain TCP. It is set
-// before the authenticator runs. The caller must not modify it.
-func (c *Conn) TLS() *tls.ConnectionState { return c.tlsState }
+// client's certificates under mutual TLS, or nil for plain TCP. The
+// authenticator and everything after it may call it.
+func (c *Conn) TLS() *tls.ConnectionState {
+	tc, ok := c.l.nc.(*tls.Conn)
+	if !ok {
+		return nil
+	}
+	state := tc.ConnectionState()
+	return &state
+}
 
 // Identity returns what the authenticator (WithAuthenticator) returned for
 // the connection's credentials, or nil without an authenticator. It is set
-// once the authenticator has returned and does not change.
-func (c *Conn) Identity() any { return c.identity }
+// once the authenticator has returned and does not change; a function the
+// authenticator leaves behind, such as one run by context.AfterFunc, should
+// keep the identity itself rather than ask for it.
+func (c *Conn) Identity() any { return load(&c.identity) }
 
 // Value returns the value last stored with SetValue, or nil.
-func (c *Conn) Value() any {
-	if p := c.value.Load(); p != nil {
-		return *p
+func (c *Conn) Value() any { return load(&c.value) }
+
+func load(p *atomic.Pointer[any]) any {
+	if v := p.Load(); v != nil {
+		return *v
 	}
 	return nil
 }
@@ -843,24 +891,28 @@ func (c *Conn) SetValue(v any) { c.value.Store(&v) }
 // context.AfterFunc. Work a handler starts for the connection can use it
 // to stop when the client goes.
 func (c *Conn) Context() context.Context {
-	c.ctxMu.Lock()
-	defer c.ctxMu.Unlock()
-	if c.ctx == nil {
-		c.ctx, c.cancel = context.WithCancelCause(context.Background())
-		if err := c.l.cause(); err != nil {
-			c.cancel(err)
-		}
+	if cc := c.ctx.Load(); cc != nil {
+		return cc.ctx
 	}
-	return c.ctx
+	cc := new(connContext)
+	cc.ctx, cc.cancel = context.WithCancelCause(context.Background())
+	if !c.ctx.CompareAndSwap(nil, cc) {
+		cc.cancel(nil)
+		return c.ctx.Load().ctx
+	}
+	// ended may have looked for a context before there was one.
+	if cause := c.closing.Load(); cause != nil {
+		cc.cancel(*cause)
+	}
+	return cc.ctx
 }
 
-// ended cancels the connection's context, if it has one, once its link is
-// down.
+// ended cancels the connection's context, if it has one, once the
+// connection starts to close.
 func (c *Conn) ended(cause error) {
-	c.ctxMu.Lock()
-	defer c.ctxMu.Unlock()
-	if c.cancel != nil {
-		c.cancel(cause)
+	c.closing.CompareAndSwap(nil, &cause)
+	if cc := c.ctx.Load(); cc != nil {
+		cc.cancel(cause)
 	}
 }
 

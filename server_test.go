@@ -1016,6 +1016,9 @@ func TestConnContextEndsWhenHandshakeFailsAfterAuthentication(t *testing.T) {
 			sessions.Add(1)
 			context.AfterFunc(c.Context(), func() {
 				sessions.Add(-1)
+				// Runs while the authenticator still does: reading
+				// the identity must not race with its being set.
+				_ = c.Identity()
 				released <- context.Cause(c.Context())
 			})
 			entered <- struct{}{}

@@ -628,3 +628,28 @@ func TestSynctestBackoff(t *testing.T) {
 		})
 	}
 }
+
+func TestSynctestConnContextEndsWhenClosingBegins(t *testing.T) {
+	// A peer that reads nothing keeps the close frame from leaving for the
+	// whole 250ms Close gives it; the context must not wait for that.
+	synctest.Test(t, func(t *testing.T) {
+		opened := make(chan *Conn, 1)
+		_, l := servePipe(t, WithOnConnOpen(func(c *Conn) { opened <- c }))
+		dialPipeHello(t, l) // and never read again
+		conn := awaitFake(t, opened)
+		ctx := conn.Context()
+		require.NoError(t, conn.TrySend([]byte("stuck in the pipe")))
+
+		start := time.Now()
+		closed := make(chan struct{})
+		go func() {
+			conn.Close()
+			close(closed)
+		}()
+		<-ctx.Done()
+		assert.Zero(t, time.Since(start), "canceled when the close began")
+		assert.ErrorIs(t, context.Cause(ctx), ErrClosed)
+		<-closed
+		assert.Equal(t, closeFrameTimeout, time.Since(start), "Close still gave its frame the time it has")
+	})
+}
