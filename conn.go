@@ -95,9 +95,10 @@ type link struct {
 	once sync.Once
 	done chan struct{}
 	err  error // first cause; read only after done is closed
-	// onClosing, if set, is called once with the cause when the link
-	// starts to close: when its close frame is queued, or when it goes
-	// down without one.
+	// onClosing, if set, is called with the cause when the link starts
+	// to close, when its close frame is queued, and again once it is
+	// down, with the same cause: shutdown may overtake the call from
+	// queueClose, and returns only after its own.
 	onClosing func(cause error)
 }
 
@@ -162,7 +163,6 @@ func (l *link) shutdown(err error) error {
 	l.once.Do(func() {
 		l.mu.Lock()
 		l.closed = true
-		announced := l.closing != nil
 		if l.closing != nil {
 			// The peer may hang up on our close frame before closeWith
 			// gets here; the disconnect is still ours.
@@ -175,7 +175,7 @@ func (l *link) shutdown(err error) error {
 		// to send close_notify into a socket that may be full.
 		l.raw.Close()
 		close(l.done)
-		if !announced && l.onClosing != nil {
+		if l.onClosing != nil {
 			l.onClosing(err)
 		}
 	})

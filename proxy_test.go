@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -819,4 +820,20 @@ func FuzzProxyHeader(f *testing.F) {
 		default:
 		}
 	})
+}
+
+func TestProxyMalformedHeaderUnderTLSGetsNoHandshake(t *testing.T) {
+	// A connection refused before its TLS handshake is closed as it is:
+	// no frame can reach the client, and the server must not start a TLS
+	// handshake to try, whatever the client sends next.
+	serverTLS, _ := testTLS(t)
+	srv, addr := startServer(t, WithTLSConfig(serverTLS), WithProxyProtocol(loopbackNet))
+	r := dialRaw(t, addr)
+	r.write(append(v2Prefix(0x21, 0x11, 4), 1, 2, 3, 4))
+	require.Eventually(t, func() bool { return srv.Stats().ProtocolErrors == 1 }, waitFor, time.Millisecond)
+	_, _ = r.nc.Write(clientHelloRecord(t)) // may find the connection closed
+	require.NoError(t, r.nc.SetReadDeadline(time.Now().Add(waitFor)))
+	n, err := r.nc.Read(make([]byte, 5))
+	assert.Zero(t, n, "the server answered with TLS")
+	assert.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the connection stayed open: %v", err)
 }

@@ -940,10 +940,13 @@ func (c *Conn) end(err error) {
 		r  *refusal
 		pe *protocolError
 	)
+	// Before a TLS handshake is done no frame can reach the client, and
+	// writing one would make the writer run the handshake itself.
+	framed := c.underTLS == nil || c.sealed
 	switch {
-	case errors.As(err, &r):
+	case framed && errors.As(err, &r):
 		c.l.closeWith(r.code, r.reason, r.err)
-	case errors.As(err, &pe):
+	case framed && errors.As(err, &pe):
 		c.l.closeWith(CloseProtocolError, pe.detail, err)
 	case err != nil:
 		c.l.shutdown(err)
