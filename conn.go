@@ -95,11 +95,17 @@ type link struct {
 	once sync.Once
 	done chan struct{}
 	err  error // first cause; read only after done is closed
-	// onClosing, if set, is called with the cause when the link starts
-	// to close, when its close frame is queued, and again once it is
-	// down, with the same cause: shutdown may overtake the call from
-	// queueClose, and returns only after its own.
-	onClosing func(cause error)
+	// watcher, if set, is told the cause when the link starts to close,
+	// when its close frame is queued, and again once it is down, with the
+	// same cause: shutdown may overtake the call from queueClose, and
+	// returns only after its own.
+	watcher closeWatcher
+}
+
+// A closeWatcher learns when a link starts to close. It is an interface
+// rather than a func so that setting one allocates nothing.
+type closeWatcher interface {
+	closing(cause error)
 }
 
 // newLink returns a link over nc, which runs over raw (the same connection
@@ -175,8 +181,8 @@ func (l *link) shutdown(err error) error {
 		// to send close_notify into a socket that may be full.
 		l.raw.Close()
 		close(l.done)
-		if l.onClosing != nil {
-			l.onClosing(err)
+		if l.watcher != nil {
+			l.watcher.closing(err)
 		}
 	})
 	<-l.done
@@ -515,8 +521,8 @@ func (l *link) queueClose(code CloseCode, reason string, cause error) {
 		l.closing = cause
 	}
 	l.mu.Unlock()
-	if first && l.onClosing != nil {
-		l.onClosing(cause)
+	if first && l.watcher != nil {
+		l.watcher.closing(cause)
 	}
 	l.queueFrame(frameClose, marshalClose(code, reason))
 }

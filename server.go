@@ -167,7 +167,7 @@ func (s *Server) accept(nc net.Conn) {
 		nc = tls.Server(c.underTLS, s.opts.tlsConfig)
 	}
 	c.l = newLink(nc, raw, &s.opts.commonOptions, ErrClosed)
-	c.l.onClosing = c.ended
+	c.l.watcher = c
 	s.conns[c.id] = c
 	s.wg.Add(1)
 	s.mu.Unlock()
@@ -812,10 +812,10 @@ type Conn struct {
 	sealed  bool // past its TLS handshake; guarded by srv.mu
 
 	identity, value atomic.Pointer[any]
-	// ctx is made on first use; closing holds the cause the connection
+	// ctx is made on first use; endCause holds the cause the connection
 	// began to close with, for a context made after that.
-	ctx     atomic.Pointer[connContext]
-	closing atomic.Pointer[error]
+	ctx      atomic.Pointer[connContext]
+	endCause atomic.Pointer[error]
 }
 
 // connContext is a connection's context and the function that ends it.
@@ -900,17 +900,17 @@ func (c *Conn) Context() context.Context {
 		cc.cancel(nil)
 		return c.ctx.Load().ctx
 	}
-	// ended may have looked for a context before there was one.
-	if cause := c.closing.Load(); cause != nil {
+	// closing may have looked for a context before there was one.
+	if cause := c.endCause.Load(); cause != nil {
 		cc.cancel(*cause)
 	}
 	return cc.ctx
 }
 
-// ended cancels the connection's context, if it has one, once the
+// closing cancels the connection's context, if it has one, once the
 // connection starts to close.
-func (c *Conn) ended(cause error) {
-	c.closing.CompareAndSwap(nil, &cause)
+func (c *Conn) closing(cause error) {
+	c.endCause.CompareAndSwap(nil, &cause)
 	if cc := c.ctx.Load(); cc != nil {
 		cc.cancel(cause)
 	}
