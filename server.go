@@ -640,9 +640,10 @@ func (s *Server) untrackListener(l net.Listener) {
 
 // Addr returns the address the server listens on: that of the listener
 // Serve was first called with among those it still serves. It is nil
-// before Serve has begun and after it has returned. With ListenAndServe
-// in another goroutine, Addr may be called before Serve begins; to learn
-// the port of ":0" in advance, create the listener and call Serve.
+// until Serve has begun and after it has returned, so a caller that starts
+// ListenAndServe in a goroutine may have to wait for it; one that needs
+// the port of ":0" before serving can create the listener itself and pass
+// it to Serve.
 func (s *Server) Addr() net.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
