@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -64,7 +64,7 @@ func TestHAProxyFleet(t *testing.T) {
 
 	for i, b := range f.backends {
 		f.hp.waitUntil(t, fmt.Sprintf("server %d has counted a health check and logged it at debug level", i), func() bool {
-			return b.Stats().Probes > 0 && b.logs.probeLines() > 0
+			return b.Stats().Probes > 0 && len(linesWith(b.logs, "health probe: closed before its hello")) > 0
 		})
 	}
 	f.requireNoWarnings(t)
@@ -306,17 +306,15 @@ func startHAProxyFleet(t *testing.T, bin string, n int, idle time.Duration, opts
 type lbBackend struct {
 	*Server
 	l    *peerListener
-	logs *logRecorder
+	logs *logtest.Hook
 }
 
 func startBackend(t *testing.T, opts ...ServerOption) *lbBackend {
 	t.Helper()
-	b := &lbBackend{l: &peerListener{Listener: listen(t), peers: make(map[string]bool)}, logs: &logRecorder{}}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
+	b := &lbBackend{l: &peerListener{Listener: listen(t), peers: make(map[string]bool)}}
 	// At debug level, so that the test sees how probes are logged.
-	log.SetLevel(logrus.DebugLevel)
-	log.AddHook(b.logs)
+	log, hook := capturedLogger()
+	b.logs = hook
 	srv, err := NewServer(append([]ServerOption{WithLogger(log), WithProxyProtocol(haproxyTrusted)}, opts...)...)
 	require.NoError(t, err)
 	b.Server = srv
@@ -361,40 +359,6 @@ func (l *peerListener) snapshot() map[string]bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return maps.Clone(l.peers)
-}
-
-// logRecorder is a logrus hook that keeps the lines logged at warn level
-// or above, and counts those that report a health probe.
-type logRecorder struct {
-	mu       sync.Mutex
-	warnings []string
-	probes   int
-}
-
-func (r *logRecorder) Levels() []logrus.Level { return logrus.AllLevels }
-
-func (r *logRecorder) Fire(e *logrus.Entry) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if e.Level <= logrus.WarnLevel {
-		r.warnings = append(r.warnings, fmt.Sprintf("%s: %s %v", e.Level, e.Message, e.Data))
-	}
-	if e.Level == logrus.DebugLevel && strings.Contains(e.Message, "health probe") {
-		r.probes++
-	}
-	return nil
-}
-
-func (r *logRecorder) warningLines() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.warnings)
-}
-
-func (r *logRecorder) probeLines() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.probes
 }
 
 // lbClient is a client behind HAProxy that remembers the local address of
@@ -555,6 +519,6 @@ func (f *lbFleet) idleThroughTimeouts(t *testing.T) {
 func (f *lbFleet) requireNoWarnings(t *testing.T) {
 	t.Helper()
 	for i, b := range f.backends {
-		require.Empty(t, b.logs.warningLines(), "server %d logged warnings", i)
+		require.Empty(t, warnings(b.logs), "server %d logged warnings", i)
 	}
 }

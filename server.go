@@ -529,17 +529,11 @@ func isProxySignature(b []byte) bool {
 // proxyHeaderError tells a PROXY header that could not be read, because
 // the connection failed or timed out, from one that is malformed.
 func proxyHeaderError(err error) error {
-	if failedRead(err) {
+	var ne net.Error
+	if errors.As(err, &ne) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return handshakeError("read PROXY header", err)
 	}
 	return protocolErrorf("bad PROXY protocol header: %v", err)
-}
-
-// failedRead reports whether err comes from the connection rather than
-// from what was read on it.
-func failedRead(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // useProxyHeader takes a connection's addresses from its PROXY header. A
@@ -709,12 +703,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			// plans its reconnect.
 			c.l.queueFrame(frameGoodbye, goodbye)
 		}
-		// Nothing can be sent before a TLS handshake, and a write would
-		// run one on the writer, beside the connection's own goroutine
-		// reading the same socket.
-		unsealed := s.opts.tlsConfig != nil && !c.sealed
+		framable := c.framable()
 		s.mu.Unlock()
-		if unsealed {
+		if !framable {
 			c.l.shutdown(ErrServerClosed)
 			continue
 		}
@@ -941,18 +932,23 @@ func (c *Conn) end(err error) {
 		r  *refusal
 		pe *protocolError
 	)
-	// Before a TLS handshake is done no frame can reach the client, and
-	// writing one would make the writer run the handshake itself.
-	framed := c.underTLS == nil || c.sealed
+	framable := c.framable()
 	switch {
-	case framed && errors.As(err, &r):
+	case framable && errors.As(err, &r):
 		c.l.closeWith(r.code, r.reason, r.err)
-	case framed && errors.As(err, &pe):
+	case framable && errors.As(err, &pe):
 		c.l.closeWith(CloseProtocolError, pe.detail, err)
 	case err != nil:
 		c.l.shutdown(err)
 	}
 }
+
+// framable reports whether a frame can be sent to the client: not before
+// its TLS handshake is done, when no frame can reach it and writing one
+// would make the writer run the handshake itself, beside the connection's
+// own goroutine reading the same socket. The caller holds srv.mu or is
+// the connection's goroutine.
+func (c *Conn) framable() bool { return c.underTLS == nil || c.sealed }
 
 // refusal is a handshake that the server turns down with a close code of
 // its own and a reason meant for the client.
