@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -70,6 +71,12 @@ type Client struct {
 	addrs []string
 	next  int
 	stats clientStats
+
+	// sess is the client's session with WithResume, nil without; its id
+	// is zero until a server has granted one. sessionOver says the server
+	// ended it, so the next connection starts a new one.
+	sess        *session
+	sessionOver atomic.Bool
 }
 
 // NewClient returns a client for the server at addr (host:port). It checks
@@ -84,7 +91,12 @@ func NewClient(addr string, opts ...ClientOption) (*Client, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	var sess *session
+	if o.resumeOn {
+		sess = newSession(sessionID{}, o.resume)
+	}
 	return &Client{
+		sess:    sess,
 		sendBuf: o.sendBuffer,
 		addrs:   append([]string{addr}, o.fallbacks...),
 		opts:    o,
@@ -178,6 +190,14 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 		case c.ctx.Err() != nil:
 			c.mu.Unlock()
 			return ErrClosed
+		case c.sess != nil:
+			c.mu.Unlock()
+			err := c.sess.send(ctx, payload, wait)
+			if err == nil {
+				c.stats.msgsOut.Add(1)
+				c.stats.bytesOut.Add(uint64(len(payload)))
+			}
+			return err
 		case l == nil && c.sendBuf.enabled():
 			return c.buffer(ctx, payload, wait)
 		case l == nil:
@@ -293,6 +313,9 @@ func (c *Client) finish(err error) {
 	c.setStateLocked(StateClosed)
 	c.sendBuf.take() // nothing will send them now
 	c.mu.Unlock()
+	if c.sess != nil {
+		c.sess.end(c.err)
+	}
 	if fn := c.opts.onClose; fn != nil {
 		fn(err)
 	}
@@ -354,6 +377,9 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	wg.Wait()
 	l.wait()
 	err := l.cause()
+	if c.sess != nil {
+		c.sess.detach(l)
+	}
 
 	c.stats.connectedSince.Store(0)
 	c.mu.Lock()
@@ -382,8 +408,23 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 		case frameData:
 			c.stats.msgsIn.Add(1)
 			c.stats.bytesIn.Add(uint64(len(p)))
+			s := l.sess
+			if s != nil {
+				s.delivering.Store(true)
+			}
 			if fn := c.opts.onMessage; fn != nil {
 				fn(p)
+			}
+			if s != nil {
+				s.delivering.Store(false)
+				if !acknowledge(l, s, len(p)) {
+					return
+				}
+			}
+		case frameAck:
+			if err := takeAck(l, p); err != nil {
+				endRead(l, err)
+				return
 			}
 		case framePing:
 			if l.beat(framePong, p) != nil {
@@ -399,9 +440,20 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 					fn(rtt)
 				}
 			}
+			if !ackOwed(l) {
+				return
+			}
 		case frameGoodbye:
-			l.goodbye.Store(int64(parseGoodbye(p)))
+			window, ends := parseGoodbye(p)
+			l.goodbye.Store(int64(window))
+			if ends && l.sess != nil {
+				c.sessionOver.Store(true)
+			}
 		case frameClose:
+			if l.sess != nil {
+				// A close frame ends the session with the connection.
+				c.sessionOver.Store(true)
+			}
 			l.shutdown(parseClose(p))
 			return
 		default:
@@ -420,4 +472,40 @@ func endRead(l *link, err error) {
 		return
 	}
 	l.shutdown(readError(err))
+}
+
+// join makes l the connection of the client's session: the one it asked
+// to resume if the server's hello h grants it, or else a new one (or none,
+// from a server without sessions), reporting the old one lost.
+func (c *Client) join(l *link, h hello, asked sessionID) error {
+	s := c.sess
+	if h.session && asked != (sessionID{}) && h.sessionID == asked {
+		if err := s.check(h.received); err != nil {
+			return err
+		}
+		s.resume(l, h.received)
+		l.sess = s
+		c.stats.resumes.Add(1)
+		c.log.WithField("session", asked.String()).Info("session resumed")
+		return nil
+	}
+	old := s.current()
+	lost := s.restart(h.sessionID, l, !h.session)
+	if h.session {
+		l.sess = s
+	}
+	c.sessionOver.Store(false)
+	if old == (sessionID{}) && len(lost) == 0 {
+		return nil
+	}
+	c.stats.sessionsLost.Add(1)
+	log := c.log.WithFields(logrus.Fields{"session": old.String(), "unacked": len(lost)})
+	if h.session {
+		log = log.WithField("new_session", h.sessionID.String())
+	}
+	log.Warn("session lost; starting a new one")
+	if fn := c.opts.onSessionLost; fn != nil {
+		fn(lost)
+	}
+	return nil
 }

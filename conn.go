@@ -91,6 +91,9 @@ type link struct {
 
 	// goodbye is the reconnect window a departing server asked for.
 	goodbye atomic.Int64
+	// sess is the session the link carries, nil for none. It is set
+	// before the reader starts, and only the reader uses it.
+	sess *session
 
 	once sync.Once
 	done chan struct{}
@@ -254,6 +257,26 @@ func (l *link) waitRoom(ctx context.Context) error {
 	}
 	l.mu.Unlock()
 	return nil
+}
+
+// fits checks p against the longest message the peer accepts.
+func (l *link) fits(p []byte) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return checkPayload(p, l.maxSend)
+}
+
+// push queues message p whatever room there is, for a session, whose log
+// bounds what may wait. It reports false if the link is down or closing,
+// or not yet open.
+func (l *link) push(p []byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.closing != nil || !l.ready {
+		return false
+	}
+	l.appendMessageLocked(p)
+	return true
 }
 
 // queueAll queues msgs whatever room there is, except those longer than

@@ -67,6 +67,14 @@ var (
 	// Timeout() == true.
 	ErrHeartbeatTimeout error = &timeoutError{"vgo: heartbeat timeout"}
 
+	// ErrSessionExpired ends a suspended session whose client did not
+	// come back within the resume window (Sessions.Window).
+	ErrSessionExpired = errors.New("vgo: session expired")
+
+	// ErrSessionEvicted ends a suspended session pushed out by the bounds
+	// on suspended sessions (Sessions.MaxSuspended, Sessions.MaxBytes).
+	ErrSessionEvicted = errors.New("vgo: session evicted")
+
 	// ErrHandshakeTimeout reports a hello exchange that did not complete
 	// within the handshake timeout. It satisfies net.Error with
 	// Timeout() == true.

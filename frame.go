@@ -29,6 +29,7 @@ const (
 	frameGoodbye  frameType = 0x06
 	frameFirst    frameType = 0x07 // the first fragment of a long message
 	frameFragment frameType = 0x08 // a further fragment
+	frameAck      frameType = 0x09 // how many of a session's messages were received
 )
 
 func (t frameType) String() string {
@@ -49,6 +50,8 @@ func (t frameType) String() string {
 		return "first fragment"
 	case frameFragment:
 		return "fragment"
+	case frameAck:
+		return "ack"
 	}
 	return fmt.Sprintf("0x%02x", uint8(t))
 }
@@ -67,9 +70,9 @@ const (
 	maxHelloSize = 1024
 
 	// MaxCredentialsSize is the most credentials a hello has room for,
-	// next to the magic, the version, the ping interval and the maximum
-	// message size.
-	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - 2*(3+4)
+	// next to the magic, the version, the ping interval, the maximum
+	// message size and a session to resume.
+	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - 2*(3+4) - (3 + sessionFieldSize)
 	maxPingSize        = 64
 	maxReasonSize      = 256
 )
@@ -93,7 +96,9 @@ func maxPayload(t frameType, maxData int) int {
 	case frameClose:
 		return 1 + 4 + maxReasonSize // a try-later hint has 4 bytes more
 	case frameGoodbye:
-		return 4
+		return 4 + 1 // the flags byte goes only to a client with a session
+	case frameAck:
+		return 8
 	}
 	return -1
 }
@@ -319,6 +324,13 @@ type hello struct {
 	// heartbeatTimeout is how long a server lets a connection stay
 	// silent; 0 when it never closes silent connections.
 	heartbeatTimeout time.Duration
+	// resume says a client asks for a session: to resume sessionID, or
+	// a new one when that is zero. session says a server grants one,
+	// sessionID. received is how many of the peer's messages in it the
+	// sender has received.
+	resume, session bool
+	sessionID       sessionID
+	received        uint64
 }
 
 // Hello field tags. PROTOCOL.md lists them.
@@ -326,9 +338,15 @@ const (
 	tagCredentials      = 0x01 // client: opaque bytes
 	tagPingInterval     = 0x02 // client: uint32 milliseconds
 	tagMaxMessage       = 0x03 // both: uint32 bytes
+	tagResume           = 0x04 // client: nothing, or a session id and a uint64 count
 	tagPingRange        = 0x10 // server: two uint32 milliseconds, min and max
 	tagHeartbeatTimeout = 0x11 // server: uint32 milliseconds
+	tagSession          = 0x12 // server: a session id and a uint64 count
 )
+
+// sessionFieldSize is the size of a hello field that names a session and
+// counts the messages received in it.
+const sessionFieldSize = sessionIDSize + 8
 
 func (h hello) marshal() []byte {
 	b := make([]byte, 0, 48+len(h.credentials))
@@ -350,7 +368,19 @@ func (h hello) marshal() []byte {
 	if h.heartbeatTimeout > 0 {
 		b = appendField(b, tagHeartbeatTimeout, binary.BigEndian.AppendUint32(nil, millis(h.heartbeatTimeout)))
 	}
+	switch {
+	case h.resume && h.sessionID == (sessionID{}):
+		b = appendField(b, tagResume, nil)
+	case h.resume:
+		b = appendField(b, tagResume, h.sessionField())
+	case h.session:
+		b = appendField(b, tagSession, h.sessionField())
+	}
 	return b
+}
+
+func (h hello) sessionField() []byte {
+	return binary.BigEndian.AppendUint64(append([]byte(nil), h.sessionID[:]...), h.received)
 }
 
 func appendField(b []byte, tag byte, value []byte) []byte {
@@ -383,6 +413,8 @@ var helloFields = map[byte]helloField{
 	tagMaxMessage:       {fromClient: true, fromServer: true, size: 4},
 	tagPingRange:        {fromServer: true, size: 8},
 	tagHeartbeatTimeout: {fromServer: true, size: 4},
+	tagResume:           {fromClient: true, size: -1},
+	tagSession:          {fromServer: true, size: sessionFieldSize},
 }
 
 // parseHello decodes a hello sent by a server (fromServer) or a client.
@@ -431,6 +463,19 @@ func parseHello(p []byte, fromServer bool) (hello, error) {
 			h.minPing = time.Duration(binary.BigEndian.Uint32(v)) * time.Millisecond
 			h.maxPing = time.Duration(binary.BigEndian.Uint32(v[4:])) * time.Millisecond
 			continue
+		case tagResume, tagSession:
+			if n != 0 && n != sessionFieldSize {
+				return hello{}, protocolErrorf("hello field 0x%02x has %d bytes, want 0 or %d", tag, n, sessionFieldSize)
+			}
+			h.resume, h.session = tag == tagResume, tag == tagSession
+			if n > 0 {
+				h.sessionID = sessionID(v[:sessionIDSize])
+				h.received = binary.BigEndian.Uint64(v[sessionIDSize:])
+				if h.sessionID == (sessionID{}) {
+					return hello{}, protocolErrorf("hello field 0x%02x names the zero session", tag)
+				}
+			}
+			continue
 		}
 		u := binary.BigEndian.Uint32(v)
 		if u == 0 {
@@ -455,13 +500,18 @@ func side(server bool) string {
 	return "client"
 }
 
+// goodbyeEndsSession is the flag of a goodbye that tells a client with a
+// session that the session ends with the server.
+const goodbyeEndsSession = 0x01
+
 // parseGoodbye returns the window over which a departing server asks its
-// clients to spread their reconnects.
-func parseGoodbye(p []byte) time.Duration {
+// clients to spread their reconnects, and whether it ends their sessions.
+func parseGoodbye(p []byte) (window time.Duration, endsSession bool) {
 	if len(p) < 4 {
-		return 0
+		return 0, false
 	}
-	return time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
+	window = time.Duration(binary.BigEndian.Uint32(p)) * time.Millisecond
+	return window, len(p) > 4 && p[4]&goodbyeEndsSession != 0
 }
 
 // marshalClose encodes a close frame's payload.

@@ -3,6 +3,7 @@ package vgo
 import (
 	"context"
 	"io"
+	"os"
 	"net"
 	"runtime"
 	"testing"
@@ -24,7 +25,9 @@ const waitFor = 10 * time.Second
 // quietLogger discards log lines; tests assert on events, not on logs.
 func quietLogger() logrus.FieldLogger {
 	l := logrus.New()
-	l.SetOutput(io.Discard)
+	if os.Getenv("VGO_TEST_LOG") == "" {
+		l.SetOutput(io.Discard)
+	}
 	return l
 }
 

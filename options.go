@@ -27,6 +27,10 @@ const (
 	DefaultMaxPingInterval  = 25 * time.Second
 	DefaultMaxHandshakes    = 1024
 	DefaultRetryAfter       = time.Second
+	DefaultResumeWindow     = 2 * time.Minute
+	DefaultSessionBuffer    = 1 << 20
+	DefaultMaxSuspended     = 100_000
+	DefaultSessionMemory    = 256 << 20
 )
 
 // maxRetryAfter bounds WithAdmission's retry-after, which a close frame
@@ -73,6 +77,11 @@ type clientOptions struct {
 	tlsConfigFunc func(addr string) (*tls.Config, error)
 	retryAuth     bool
 	sendBuffer    sendBuffer
+	// resume is the session log's bound in bytes, with resumeOn.
+	resume   int
+	resumeOn bool
+
+	onSessionLost func(unacked [][]byte)
 
 	onConnect    func(remote net.Addr)
 	onDisconnect func(err error)
@@ -97,9 +106,13 @@ type serverOptions struct {
 	// trustedProxies are the networks whose PROXY protocol headers are
 	// believed; nil turns the PROXY protocol off.
 	trustedProxies []netip.Prefix
+	// sessions is the session configuration, with sessionsOn.
+	sessions   Sessions
+	sessionsOn bool
 
-	handler     func(c *Conn, msg []byte)
-	onConnOpen  func(c *Conn)
+	handler      func(c *Conn, msg []byte)
+	onConnOpen   func(c *Conn)
+	onConnResume func(c *Conn)
 	onConnClose func(c *Conn, err error)
 	onPing      func(c *Conn)
 }
@@ -214,6 +227,34 @@ func WithSendBuffer(maxMessages, maxBytes int, policy BufferPolicy) ClientOption
 	return clientOption(func(o *clientOptions) {
 		o.sendBuffer = sendBuffer{maxMessages: maxMessages, maxBytes: maxBytes, policy: policy}
 	})
+}
+
+// WithResume makes the client ask a server for a session and resume it
+// after every reconnect, so that each message reaches the other side
+// exactly once and in order, within the server's resume window (see
+// Sessions). Send keeps each message until the server acknowledges it, in
+// a log of at most bufferBytes bytes (0 means DefaultSessionBuffer, 1 MiB),
+// and waits for room when the log is full: that is the only bound on
+// Send, and TrySend fails with ErrQueueFull instead. The log also keeps the
+// messages sent while disconnected, so WithSendBuffer cannot be combined
+// with it. A server without sessions is served as if the option were not
+// set. Off by default.
+func WithResume(bufferBytes int) ClientOption {
+	return clientOption(func(o *clientOptions) { o.resume, o.resumeOn = bufferBytes, true })
+}
+
+// WithOnSessionLost registers a callback run when a client with
+// WithResume could not resume its session and started a new one: the
+// server restarted, or ended the session (Shutdown, Conn.Close), or the
+// resume window had passed. unacked holds the messages sent in the old
+// session that went out and were never acknowledged, oldest first: the
+// server may or may not have received them, and they are not sent again.
+// Messages the server sent in the old session and the client did not
+// receive are lost as well. The application should resynchronise with its
+// source of truth. It runs on the client's goroutine before the new
+// connection's OnConnect.
+func WithOnSessionLost(fn func(unacked [][]byte)) ClientOption {
+	return clientOption(func(o *clientOptions) { o.onSessionLost = fn })
 }
 
 // WithFallbackAddrs adds servers to fail over to. The client dials the
@@ -378,6 +419,54 @@ func WithProxyProtocol(trusted ...netip.Prefix) ServerOption {
 	})
 }
 
+// Sessions configures the resumable sessions of a server (WithSessions).
+// A zero field takes its default.
+//
+// A client that asks for a session (WithResume) gets one with its first
+// connection. When that connection fails without a close frame (a reset,
+// a silent link, a heartbeat timeout, a slow consumer), the session is
+// suspended: it keeps its Conn, its ID and the messages not yet
+// acknowledged, and Conn.Send keeps adding to them. A connection from the
+// same client within Window resumes it: each side sends again exactly the
+// messages the other lacks, and neither application sees a message twice
+// or out of order. A session ends, and WithOnConnClose runs, when a close
+// frame is sent or received (Conn.Close, Client.Close, a protocol error),
+// at Shutdown or Close, when its window passes (ErrSessionExpired) or when
+// the bounds below push it out (ErrSessionEvicted).
+type Sessions struct {
+	// Window is how long a suspended session waits for its client. The
+	// default is DefaultResumeWindow (2m).
+	Window time.Duration
+	// BufferBytes bounds a session's log of unacknowledged messages to
+	// its client: Conn.Send waits for room, and TrySend fails with
+	// ErrQueueFull, while it is full. The default is DefaultSessionBuffer
+	// (1 MiB).
+	BufferBytes int
+	// MaxSuspended is how many sessions may be suspended at once: beyond
+	// it the one suspended longest ends. The default is
+	// DefaultMaxSuspended (100,000).
+	MaxSuspended int
+	// MaxBytes bounds the logs of the suspended sessions together, as
+	// they stand when a session is suspended: beyond it the sessions
+	// suspended longest end. The default is DefaultSessionMemory
+	// (256 MiB).
+	MaxBytes int
+}
+
+// WithSessions turns on resumable sessions (see Sessions), for the
+// clients that ask for them with WithResume; other clients are served as
+// before. Off by default.
+func WithSessions(cfg Sessions) ServerOption {
+	return serverOption(func(o *serverOptions) { o.sessions, o.sessionsOn = cfg, true })
+}
+
+// WithOnConnResume registers a callback run each time a client resumes
+// its session on a new connection: the Conn is the session's, the same
+// value WithOnConnOpen saw, and its RemoteAddr is the new connection's.
+func WithOnConnResume(fn func(c *Conn)) ServerOption {
+	return serverOption(func(o *serverOptions) { o.onConnResume = fn })
+}
+
 // WithMaxConnections caps the number of live connections. A connection
 // accepted past the cap is sent a close frame and closed; existing ones are
 // unaffected. The default, 0, means no cap.
@@ -468,6 +557,16 @@ func newClientOptions(opts []ClientOption) (clientOptions, error) {
 	if o.maxAttempts < 0 {
 		return o, invalid("max attempts %d is negative", o.maxAttempts)
 	}
+	if o.resumeOn {
+		switch {
+		case o.resume == 0:
+			o.resume = DefaultSessionBuffer
+		case o.resume < 0:
+			return o, invalid("session buffer of %d bytes is negative", o.resume)
+		case o.sendBuffer.maxMessages != 0 || o.sendBuffer.maxBytes != 0:
+			return o, invalid("a send buffer cannot be combined with sessions, whose log keeps the messages sent while disconnected")
+		}
+	}
 	if b := o.sendBuffer; b.maxMessages != 0 || b.maxBytes != 0 {
 		if b.maxMessages <= 0 || b.maxBytes <= 0 {
 			return o, invalid("send buffer of %d messages and %d bytes is empty", b.maxMessages, b.maxBytes)
@@ -543,6 +642,11 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 	case o.retryAfter < 0 || o.retryAfter > maxRetryAfter:
 		return o, invalid("retry-after %v is outside 0..%v", o.retryAfter, maxRetryAfter)
 	}
+	if o.sessionsOn {
+		if err := o.sessions.resolve(); err != nil {
+			return o, err
+		}
+	}
 	if o.minPing < 0 || o.maxPing < 0 {
 		return o, invalid("ping interval range %v..%v is negative", o.minPing, o.maxPing)
 	}
@@ -563,6 +667,26 @@ func newServerOptions(opts []ServerOption) (serverOptions, error) {
 		return o, invalid("ping interval range %v..%v is empty", o.minPing, o.maxPing)
 	}
 	return o, nil
+}
+
+// resolve fills in the defaults and refuses negative bounds.
+func (c *Sessions) resolve() error {
+	if c.Window < 0 || c.BufferBytes < 0 || c.MaxSuspended < 0 || c.MaxBytes < 0 {
+		return invalid("sessions %+v have a negative field", *c)
+	}
+	if c.Window == 0 {
+		c.Window = DefaultResumeWindow
+	}
+	if c.BufferBytes == 0 {
+		c.BufferBytes = DefaultSessionBuffer
+	}
+	if c.MaxSuspended == 0 {
+		c.MaxSuspended = DefaultMaxSuspended
+	}
+	if c.MaxBytes == 0 {
+		c.MaxBytes = DefaultSessionMemory
+	}
+	return nil
 }
 
 // debugEnabled reports whether log would print a debug line, so that the

@@ -320,6 +320,11 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 		credentials:  creds,
 		pingInterval: c.opts.pingInterval,
 		maxMessage:   c.opts.maxFrameSize,
+		resume:       c.sess != nil,
+	}
+	if c.sess != nil && !c.sessionOver.Load() {
+		mine.sessionID = c.sess.current()
+		mine.received = c.sess.received.Load()
 	}
 	// Written here, before the link's writer exists: nothing else can be
 	// sent until the server has answered.
@@ -352,6 +357,11 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 	}
 	if !l.established(0, c.opts.maxFrameSize, h, nil) {
 		return 0, l.cause()
+	}
+	if c.sess != nil {
+		if err := c.join(l, h, mine.sessionID); err != nil {
+			return 0, err
+		}
 	}
 	return c.negotiate(h), nil
 }

@@ -51,6 +51,10 @@ type Server struct {
 	// throttled counts the connections refused with a retry hint since
 	// one was last admitted.
 	throttled int
+	// sessions holds every session that has not ended, by id; the
+	// suspended ones wait in the order they were suspended (sessions.go).
+	sessions  map[sessionID]*Conn
+	suspended suspendQueue
 }
 
 // NewServer returns a server configured by opts. It returns an error
@@ -66,6 +70,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		done:    make(chan struct{}),
 		drained: make(chan struct{}),
 		conns:   make(map[uint64]*Conn),
+		sessions: make(map[sessionID]*Conn),
 	}, nil
 }
 
@@ -224,34 +229,46 @@ func (s *Server) closeRaw(nc net.Conn, payload []byte) {
 // teardown, all on this one goroutine.
 func (s *Server) serveConn(c *Conn) {
 	defer s.wg.Done()
-	defer s.forget(c)
-	defer c.l.wait() // every path below shuts the link down first
 
-	if err := s.handshake(c); err != nil {
+	resumed, err := s.handshake(c)
+	if err != nil {
 		if errors.Is(err, errProbe) {
 			s.stats.probes.Add(1)
 			if debugEnabled(c.log) {
 				c.log.Debug("health probe: closed before its hello")
 			}
-			c.end(err)
-			return
-		}
-		c.log.WithField("err", err).Warn("handshake failed")
-		switch {
-		case errors.Is(err, ErrUnauthorized):
-			s.stats.auth.Add(1)
-		case errors.Is(err, ErrProtocol):
-			s.stats.protocol.Add(1)
+		} else {
+			c.log.WithField("err", err).Warn("handshake failed")
+			switch {
+			case errors.Is(err, ErrUnauthorized):
+				s.stats.auth.Add(1)
+			case errors.Is(err, ErrProtocol):
+				s.stats.protocol.Add(1)
+			}
 		}
 		c.end(err)
+		c.l.wait()
+		s.forget(c)
 		return
 	}
-	c.log.Info("client connected")
-	if fn := s.opts.onConnOpen; fn != nil {
-		fn(c)
+	switch {
+	case resumed != nil:
+		// From here on the connection serves the session it resumed.
+		c = resumed
+		s.stats.resumes.Add(1)
+		c.log.WithField("session", c.sess.Load().id.String()).Info("client resumed its session")
+		if fn := s.opts.onConnResume; fn != nil {
+			fn(c)
+		}
+	default:
+		c.log.Info("client connected")
+		if fn := s.opts.onConnOpen; fn != nil {
+			fn(c)
+		}
 	}
 
 	c.end(s.readLoop(c))
+	c.l.wait()
 	cause := c.l.cause()
 	log := c.log.WithField("err", cause)
 	switch {
@@ -267,14 +284,32 @@ func (s *Server) serveConn(c *Conn) {
 	default:
 		log.Info("client disconnected")
 	}
+	if c.sess.Load() != nil {
+		s.leave(c, cause)
+		return
+	}
 	if fn := s.opts.onConnClose; fn != nil {
 		fn(c, cause)
 	}
+	s.forget(c)
 }
 
 // handshake runs the TLS handshake, if any, and the hello exchange within
-// the handshake timeout, so a peer that never speaks is dropped.
-func (s *Server) handshake(c *Conn) error {
+// the handshake timeout, so a peer that never speaks is dropped. It returns
+// the session's Conn when the client resumed one, which the connection
+// serves from then on.
+func (s *Server) handshake(c *Conn) (resumed *Conn, err error) {
+	var h hello
+	deadline, err := s.greet(c, &h)
+	if err != nil {
+		return nil, err
+	}
+	return s.answer(c, h, deadline)
+}
+
+// greet runs the handshake up to the client's hello, which it checks and
+// authenticates, and returns the handshake's deadline.
+func (s *Server) greet(c *Conn, hp *hello) (time.Time, error) {
 	var deadline time.Time
 	if s.opts.handshakeTimeout > 0 {
 		deadline = time.Now().Add(s.opts.handshakeTimeout)
@@ -285,7 +320,7 @@ func (s *Server) handshake(c *Conn) error {
 		// and a peer that opens connections and stays silent keeps
 		// nobody out.
 		if err := awaitData(c.l.raw, deadline); err != nil {
-			return handshakeError("read hello", err)
+			return deadline, handshakeError("read hello", err)
 		}
 		s.mu.Lock()
 		c.working = true
@@ -294,22 +329,22 @@ func (s *Server) handshake(c *Conn) error {
 	}
 	if tc, ok := c.l.nc.(*tls.Conn); ok {
 		if err := tc.SetDeadline(deadline); err != nil {
-			return err
+			return deadline, err
 		}
 		if c.trusted {
 			if err := s.readProxyHeaderUnderTLS(c); err != nil {
-				return err
+				return deadline, err
 			}
 		}
 		if err := tc.Handshake(); err != nil {
 			var rh tls.RecordHeaderError
 			switch {
 			case endedUnheard(err) && !c.underTLS.heard:
-				return errProbe
+				return deadline, errProbe
 			case errors.As(err, &rh) && isProxySignature(rh.RecordHeader[:]):
-				return s.unwantedProxyHeader(c)
+				return deadline, s.unwantedProxyHeader(c)
 			}
-			return handshakeError("TLS handshake", err)
+			return deadline, handshakeError("TLS handshake", err)
 		}
 		s.mu.Lock()
 		c.sealed = true
@@ -318,30 +353,30 @@ func (s *Server) handshake(c *Conn) error {
 	} else {
 		c.l.startHandshake(deadline)
 		if err := c.awaitHello(); err != nil {
-			return err
+			return deadline, err
 		}
 		if err := s.readProxyHeader(c, c.l.fr.br); err != nil {
-			return err
+			return deadline, err
 		}
 	}
 	// A balancer's check may also end right after a PROXY header, or
 	// after a TLS handshake.
 	if err := c.awaitHello(); err != nil {
-		return err
+		return deadline, err
 	}
 	t, p, err := c.l.fr.next()
 	if err != nil {
-		return handshakeError("read hello", err)
+		return deadline, handshakeError("read hello", err)
 	}
 	if t != frameHello {
-		return protocolErrorf("expected hello, got %s frame", t)
+		return deadline, protocolErrorf("expected hello, got %s frame", t)
 	}
 	h, err := parseHello(p, false)
 	if err != nil {
-		return err
+		return deadline, err
 	}
 	if h.version != ProtocolVersion {
-		return &refusal{
+		return deadline, &refusal{
 			code:   CloseBadVersion,
 			reason: fmt.Sprintf("server speaks version %d", ProtocolVersion),
 			err:    protocolErrorf("client speaks version %d, server %d", h.version, ProtocolVersion),
@@ -350,10 +385,18 @@ func (s *Server) handshake(c *Conn) error {
 	if fn := s.opts.authenticate; fn != nil {
 		identity, err := fn(c, h.credentials)
 		if err != nil {
-			return &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
+			return deadline, &refusal{code: CloseUnauthorized, reason: err.Error(), err: fmt.Errorf("%w: %w", ErrUnauthorized, err)}
 		}
 		c.identity.Store(&identity)
 	}
+	*hp = h
+	return deadline, nil
+}
+
+// answer answers the client's hello h with the server's, and opens the
+// connection: with a new session, or with the one the client resumes,
+// which it returns, when the client asks for one.
+func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, err error) {
 	mine := hello{
 		version:          ProtocolVersion,
 		maxMessage:       s.opts.maxFrameSize,
@@ -361,17 +404,40 @@ func (s *Server) handshake(c *Conn) error {
 		maxPing:          s.opts.maxPing,
 		heartbeatTimeout: s.opts.heartbeatTimeout,
 	}
+	var sess *session
+	if s.opts.sessionsOn && h.resume {
+		if h.sessionID != (sessionID{}) {
+			if resumed, err = s.claim(c, h, deadline); err != nil {
+				return nil, err
+			}
+		}
+		if resumed != nil {
+			sess = resumed.sess.Load()
+			mine.received = sess.received.Load()
+		} else {
+			sess = newSession(newSessionID(), s.opts.sessions.BufferBytes)
+		}
+		mine.session, mine.sessionID = true, sess.id
+	}
 	// The hello is queued and the connection marked open in one step
 	// under s.mu, where Shutdown decides who gets a goodbye: a client
 	// that has the hello is sent one, and after Shutdown began no client
 	// is sent a hello.
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing {
-		return &refusal{code: CloseGoingAway, reason: "server shutting down", err: ErrServerClosed}
+	switch {
+	case s.closing:
+		err = &refusal{code: CloseGoingAway, reason: "server shutting down", err: ErrServerClosed}
+	case resumed != nil && s.sessions[sess.id] != resumed:
+		err = errors.New("vgo: the session ended while it was being resumed")
+	case !c.l.established(s.opts.heartbeatTimeout, s.opts.maxFrameSize, h, mine.marshal()):
+		err = c.l.cause()
 	}
-	if !c.l.established(s.opts.heartbeatTimeout, s.opts.maxFrameSize, h, mine.marshal()) {
-		return c.l.cause()
+	if err != nil {
+		s.mu.Unlock()
+		if resumed != nil {
+			s.unclaim(resumed)
+		}
+		return nil, err
 	}
 	c.opened = true
 	s.open++
@@ -379,7 +445,28 @@ func (s *Server) handshake(c *Conn) error {
 		c.working = false
 		s.working--
 	}
-	return nil
+	if sess != nil {
+		c.l.sess = sess
+		if resumed != nil {
+			s.adoptLocked(resumed, c)
+		} else {
+			c.sess.Store(sess)
+			c.attached = make(chan struct{})
+			s.sessions[sess.id] = c
+		}
+		peer := h.received
+		if resumed == nil {
+			peer = 0 // of a session that is not this one
+		}
+		sess.resume(c.l, peer)
+	}
+	s.mu.Unlock()
+	if resumed != nil {
+		// The connection lives on as the session's: what the
+		// authenticator tied to it is released.
+		c.finish(errResumed)
+	}
+	return resumed, nil
 }
 
 // readLoop reads frames until the connection fails, answering pings and
@@ -397,8 +484,22 @@ func (s *Server) readLoop(c *Conn) error {
 		}
 		switch t {
 		case frameData:
+			ss := c.l.sess
+			if ss != nil {
+				ss.delivering.Store(true)
+			}
 			if fn := s.opts.handler; fn != nil {
 				fn(c, p)
+			}
+			if ss != nil {
+				ss.delivering.Store(false)
+				if !acknowledge(c.l, ss, len(p)) {
+					return nil
+				}
+			}
+		case frameAck:
+			if err := takeAck(c.l, p); err != nil {
+				return err
 			}
 		case framePing:
 			if debugEnabled(c.log) {
@@ -407,7 +508,7 @@ func (s *Server) readLoop(c *Conn) error {
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
 			}
-			if c.l.beat(framePong, p) != nil {
+			if !ackOwed(c.l) || c.l.beat(framePong, p) != nil {
 				return nil
 			}
 		case framePong:
@@ -586,6 +687,11 @@ func endedUnheard(err error) bool {
 
 func (s *Server) forget(c *Conn) {
 	s.mu.Lock()
+	s.forgetLocked(c)
+	s.mu.Unlock()
+}
+
+func (s *Server) forgetLocked(c *Conn) {
 	delete(s.conns, c.id)
 	if c.opened {
 		s.open--
@@ -594,7 +700,6 @@ func (s *Server) forget(c *Conn) {
 		s.working--
 	}
 	s.checkDrainedLocked()
-	s.mu.Unlock()
 }
 
 // checkDrainedLocked closes drained when a closing server has no
@@ -647,11 +752,10 @@ func (s *Server) Addr() net.Addr {
 	return s.listeners[0].Addr()
 }
 
-// stop marks the server closing, closes its listeners and returns the
-// connections it has.
+// stop marks the server closing, closes its listeners, ends the suspended
+// sessions and returns the connections it has.
 func (s *Server) stop() []*Conn {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if !s.closing {
 		s.closing = true
 		close(s.done)
@@ -660,7 +764,11 @@ func (s *Server) stop() []*Conn {
 	for _, l := range s.listeners {
 		l.Close()
 	}
-	return slices.Collect(maps.Values(s.conns))
+	conns := slices.Collect(maps.Values(s.conns))
+	suspended := s.takeSuspendedLocked()
+	s.mu.Unlock()
+	s.closeSessions(suspended, ErrServerClosed)
+	return conns
 }
 
 // Close closes the listeners and every connection at once, without close
@@ -698,7 +806,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		// Only a connection that has the server's hello may be sent a
 		// goodbye; the handshake decides that under s.mu too.
 		s.mu.Lock()
-		if goodbye != nil && c.opened {
+		switch {
+		case !c.opened:
+		case c.sess.Load() != nil:
+			// A client with a session is told that it ends, so that it
+			// starts a new one rather than ask the next server for it.
+			c.l.queueFrame(frameGoodbye, append(binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow)), goodbyeEndsSession))
+		case goodbye != nil:
 			// Ahead of the close frame, so the client has it when it
 			// plans its reconnect.
 			c.l.queueFrame(frameGoodbye, goodbye)
@@ -738,27 +852,44 @@ func (s *Server) Stats() ServerStats {
 		Throttled:      s.stats.throttled.Load(),
 		AuthFailures:   s.stats.auth.Load(),
 		Probes:         s.stats.probes.Load(),
+		Resumes:        s.stats.resumes.Load(),
+		Expired:        s.stats.expired.Load(),
+		Suspended:      s.suspendedCount(),
 		Live:           s.Len(),
 	}
 }
 
-// Len returns the number of open connections: those that have completed
+func (s *Server) suspendedCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.suspended.count
+}
+
+// Len returns the number of open connections, those that have completed
 // the hello and whose goroutine has not yet finished (a connection closed
-// while its handler runs counts until the handler returns).
+// while its handler runs counts until the handler returns), and of
+// suspended sessions (see Sessions).
 func (s *Server) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.open
+	return s.open + s.suspended.count
 }
 
-// Range calls fn for each open connection until fn returns false. It works
-// on a snapshot, so fn may call any method of the server or the connection.
+// Range calls fn for each open connection and suspended session until fn
+// returns false. It works on a snapshot, so fn may call any method of the
+// server or the connection.
 func (s *Server) Range(fn func(c *Conn) bool) {
 	s.mu.Lock()
-	conns := make([]*Conn, 0, s.open)
+	conns := make([]*Conn, 0, s.open+s.suspended.count)
 	for _, c := range s.conns {
 		if c.opened {
 			conns = append(conns, c)
+		}
+	}
+	q := &s.suspended
+	for _, e := range q.entries[q.head:] {
+		if e.c.suspended == e.n {
+			conns = append(conns, e.c)
 		}
 	}
 	s.mu.Unlock()
@@ -769,8 +900,8 @@ func (s *Server) Range(fn func(c *Conn) bool) {
 	}
 }
 
-// Broadcast queues payload on every open connection and returns how many
-// it reached, with the meaning Send gives to queueing. It waits on no
+// Broadcast queues payload on every open connection and suspended
+// session and returns how many it reached, with the meaning Send gives to queueing. It waits on no
 // connection: one whose send queue is full is skipped (as by TrySend), and
 // one whose writes stall for the write timeout is dropped as a slow
 // consumer. ctx stops a broadcast over many connections part way.
@@ -803,6 +934,14 @@ type Conn struct {
 	working bool // in its handshake, with bytes received; guarded by srv.mu
 	sealed  bool // past its TLS handshake; guarded by srv.mu
 
+	// sess is the connection's session, nil without one; it is set as
+	// the connection opens. A session's Conn passes from connection to
+	// connection: l, the addresses, log, underTLS, trusted and sealed
+	// then change, under srv.mu, and are read under it by any goroutine
+	// but the one serving the connection.
+	sess atomic.Pointer[session]
+	sessionState
+
 	identity, value atomic.Pointer[any]
 	// ctx is made on first use; endCause holds the cause the connection
 	// began to close with, for a context made after that.
@@ -834,17 +973,29 @@ func (c *Conn) ID() uint64 { return c.id }
 // RemoteAddr returns the client's address. Behind a trusted proxy that
 // sends a PROXY protocol header (WithProxyProtocol), it is the address the
 // header gives, the client's own, and not the proxy's.
-func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+func (c *Conn) RemoteAddr() net.Addr {
+	if c.sess.Load() != nil {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+	}
+	return c.remote
+}
 
 // LocalAddr returns the server's address the client connected to: with a
 // PROXY protocol header, the one the client dialed at the proxy.
-func (c *Conn) LocalAddr() net.Addr { return c.local }
+func (c *Conn) LocalAddr() net.Addr {
+	if c.sess.Load() != nil {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+	}
+	return c.local
+}
 
 // TLS returns the state of the connection's TLS session, with the
 // client's certificates under mutual TLS, or nil for plain TCP. The
 // authenticator and everything after it may call it.
 func (c *Conn) TLS() *tls.ConnectionState {
-	tc, ok := c.l.nc.(*tls.Conn)
+	tc, ok := c.link().nc.(*tls.Conn)
 	if !ok {
 		return nil
 	}
@@ -899,9 +1050,28 @@ func (c *Conn) Context() context.Context {
 	return cc.ctx
 }
 
+// link returns the connection the Conn is served by: for a session, the
+// latest.
+func (c *Conn) link() *link {
+	if c.sess.Load() != nil {
+		c.srv.mu.Lock()
+		defer c.srv.mu.Unlock()
+	}
+	return c.l
+}
+
 // closing cancels the connection's context, if it has one, once the
-// connection starts to close.
+// connection starts to close. A session's Conn outlives its connections:
+// its context ends with the session (closeSession).
 func (c *Conn) closing(cause error) {
+	if c.sess.Load() != nil {
+		return
+	}
+	c.finish(cause)
+}
+
+// finish cancels the Conn's context, if it has one, with cause.
+func (c *Conn) finish(cause error) {
 	c.endCause.CompareAndSwap(nil, &cause)
 	if cc := c.ctx.Load(); cc != nil {
 		cc.cancel(cause)
@@ -914,6 +1084,9 @@ func (c *Conn) closing(cause error) {
 // connection is closing it returns ErrClosed, and before it is open
 // ErrNotConnected.
 func (c *Conn) Send(ctx context.Context, payload []byte) error {
+	if s := c.sess.Load(); s != nil {
+		return s.send(ctx, payload, true)
+	}
 	return c.l.send(ctx, payload)
 }
 
@@ -921,6 +1094,9 @@ func (c *Conn) Send(ctx context.Context, payload []byte) error {
 // once with ErrQueueFull. A connection whose writes stall for the write
 // timeout is dropped as a slow consumer.
 func (c *Conn) TrySend(payload []byte) error {
+	if s := c.sess.Load(); s != nil {
+		return s.send(context.Background(), payload, false)
+	}
 	return c.l.offer(payload)
 }
 
@@ -964,6 +1140,30 @@ func (r *refusal) Unwrap() error { return r.err }
 // Close sends the client a close frame and closes the connection. It is
 // safe to call more than once.
 func (c *Conn) Close() error {
+	if c.sess.Load() != nil {
+		return c.srv.closeSessionConn(c)
+	}
 	c.l.closeWith(CloseNormal, "closed by server", ErrClosed)
+	return nil
+}
+
+// closeSessionConn is Close for a session's Conn: a connection serving it
+// sends the close frame that ends it; without one it ends at once.
+func (s *Server) closeSessionConn(c *Conn) error {
+	s.mu.Lock()
+	if c.attached != nil {
+		l := c.l
+		s.mu.Unlock()
+		l.closeWith(CloseNormal, "closed by server", ErrClosed)
+		return nil
+	}
+	_, live := s.sessions[c.sess.Load().id]
+	if live {
+		s.dropLocked(c)
+	}
+	s.mu.Unlock()
+	if live {
+		s.closeSession(c, ErrClosed)
+	}
 	return nil
 }

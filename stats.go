@@ -7,10 +7,12 @@ import (
 
 // ClientStats is a snapshot of a client's counters since NewClient.
 type ClientStats struct {
-	Dials       uint64 // dial attempts, each endpoint tried counting once
-	FailedDials uint64 // attempts that did not give a healthy connection, retry hints aside
-	RetryHints  uint64 // attempts a busy server refused with a retry hint
-	Reconnects  uint64 // connections made after the first
+	Dials        uint64 // dial attempts, each endpoint tried counting once
+	FailedDials  uint64 // attempts that did not give a healthy connection, retry hints aside
+	RetryHints   uint64 // attempts a busy server refused with a retry hint
+	Reconnects   uint64 // connections made after the first
+	Resumes      uint64 // connections that resumed the session (WithResume)
+	SessionsLost uint64 // sessions that could not be resumed and were replaced
 
 	MessagesIn  uint64 // data frames received
 	MessagesOut uint64 // data frames accepted by Send
@@ -37,7 +39,10 @@ type ServerStats struct {
 	Throttled      uint64 // connections refused with a retry hint (see WithAdmission)
 	AuthFailures   uint64 // connections whose credentials were rejected
 	Probes         uint64 // connections closed before a hello: health checks
-	Live           int    // open connections, as Len reports
+	Resumes        uint64 // sessions resumed on a new connection
+	Expired        uint64 // suspended sessions ended by their window or the bounds on them
+	Suspended      int    // sessions waiting for their client to come back
+	Live           int    // open connections and suspended sessions, as Len reports
 }
 
 // clientStats holds a client's counters; each is updated atomically, on
@@ -46,6 +51,7 @@ type clientStats struct {
 	dials, failedDials, hints, connects atomic.Uint64
 	msgsIn, msgsOut, bytesIn, bytesOut  atomic.Uint64
 	dropped, rejected                   atomic.Uint64
+	resumes, sessionsLost               atomic.Uint64
 
 	rttMin, rttMax, rttSum, rttLast atomic.Int64
 	pongs                           atomic.Int64
@@ -70,19 +76,21 @@ func (s *clientStats) rtt(d time.Duration) {
 
 func (s *clientStats) snapshot() ClientStats {
 	st := ClientStats{
-		Dials:       s.dials.Load(),
-		FailedDials: s.failedDials.Load(),
-		RetryHints:  s.hints.Load(),
-		MessagesIn:  s.msgsIn.Load(),
-		MessagesOut: s.msgsOut.Load(),
-		BytesIn:     s.bytesIn.Load(),
-		BytesOut:    s.bytesOut.Load(),
-		Dropped:     s.dropped.Load(),
-		Rejected:    s.rejected.Load(),
-		RTTMin:      time.Duration(s.rttMin.Load()),
-		RTTMax:      time.Duration(s.rttMax.Load()),
-		RTTLast:     time.Duration(s.rttLast.Load()),
-		Backoff:     time.Duration(s.backoff.Load()),
+		Dials:        s.dials.Load(),
+		FailedDials:  s.failedDials.Load(),
+		RetryHints:   s.hints.Load(),
+		MessagesIn:   s.msgsIn.Load(),
+		MessagesOut:  s.msgsOut.Load(),
+		BytesIn:      s.bytesIn.Load(),
+		BytesOut:     s.bytesOut.Load(),
+		Dropped:      s.dropped.Load(),
+		Rejected:     s.rejected.Load(),
+		Resumes:      s.resumes.Load(),
+		SessionsLost: s.sessionsLost.Load(),
+		RTTMin:       time.Duration(s.rttMin.Load()),
+		RTTMax:       time.Duration(s.rttMax.Load()),
+		RTTLast:      time.Duration(s.rttLast.Load()),
+		Backoff:      time.Duration(s.backoff.Load()),
 	}
 	if n := s.connects.Load(); n > 1 {
 		st.Reconnects = n - 1
@@ -99,4 +107,5 @@ func (s *clientStats) snapshot() ClientStats {
 // serverStats holds a server's counters.
 type serverStats struct {
 	accepted, refused, throttled, stale, protocol, auth, slow, probes atomic.Uint64
+	resumes, expired                                                  atomic.Uint64
 }

@@ -1,0 +1,755 @@
+package vgo
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// A session carries messages across connections, exactly once and in
+// order, when the server enables sessions (WithSessions) and the client
+// asks for them (WithResume). PROTOCOL.md describes it on the wire; in
+// short:
+//
+//   - The server's hello names the session with an id of 128 random bits.
+//     A client that reconnects presents the id, and each side's hello says
+//     how many of the other's messages it has received.
+//   - The data messages of a session are numbered from 1 in each
+//     direction, without a number on the wire: the first one a side sends
+//     on a connection follows the last one its peer said it received.
+//   - A receiver acknowledges what it has received with an ack frame now
+//     and then (ackEvery). A sender keeps every message until it is
+//     acknowledged, and on resume sends again those its peer lacks.
+//
+// The same session type serves both sides.
+
+// sessionIDSize is the length of a session id: 128 bits.
+const sessionIDSize = 16
+
+type sessionID [sessionIDSize]byte
+
+// newSessionID returns a session id no one can guess.
+func newSessionID() sessionID {
+	var id sessionID
+	_, _ = rand.Read(id[:]) // crypto/rand.Read never fails
+	return id
+}
+
+// The receiver of a session acknowledges after every ackEvery messages or
+// ackBytes bytes, when its input runs dry if the last ack is at least
+// ackDelay old, and with every ping it answers (the server) or pong it
+// receives (the client). A burst is therefore acknowledged within one
+// ackDelay of its end, or at the latest with the next heartbeat, and a
+// stream costs an ack frame per ackEvery messages at most.
+const (
+	ackEvery = 256
+	ackBytes = 64 << 10
+	ackDelay = 5 * time.Millisecond
+)
+
+// recordHeader is the length prefix of each message in a session's log.
+const recordHeader = 4
+
+// session is one side's state of a resumable session: the messages it sent
+// that the peer has not acknowledged, and how many it has received.
+type session struct {
+	max int // the log's bound in bytes (see send)
+
+	mu sync.Mutex
+	id sessionID
+	// log holds the messages sent and not yet acknowledged, each as a
+	// 4-byte length and its bytes, the oldest at head; nil when empty.
+	log  *buffer
+	head int
+	// first is the number of the message at head, next the number the
+	// next message sent gets. Numbers start at 1.
+	first, next uint64
+	// wrote is the number of the last message handed to a connection:
+	// those after it have not been near the network.
+	wrote uint64
+	// link is the connection messages go to, nil while there is none.
+	// plain says it is a connection without sessions (a server that does
+	// not offer them): messages go to it as they would without a
+	// session, and are not kept.
+	link  *link
+	plain bool
+	room  chan struct{} // closed and replaced when the log shrinks or the session ends
+	ended error         // set once the session is over; sends return it
+
+	// delivering is set while the application handles a message of this
+	// session, on the reader's goroutine (see send).
+	delivering atomic.Bool
+
+	// The receiving side, owned by the reader of the connection in use.
+	received  atomic.Uint64 // messages received and delivered
+	ackedIn   uint64        // the count the last ack sent carried
+	unacked   int           // bytes received since that ack
+	lastAck   time.Time
+	ackBuffer [8]byte
+}
+
+func newSession(id sessionID, maxBytes int) *session {
+	return &session{id: id, max: maxBytes, first: 1, next: 1}
+}
+
+// current returns the session's id.
+func (s *session) current() sessionID {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.id
+}
+
+// buffered returns the bytes in the log; s.mu is held.
+func (s *session) buffered() int {
+	if s.log == nil {
+		return 0
+	}
+	return len(s.log.b) - s.head
+}
+
+// size returns the bytes in the log.
+func (s *session) size() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buffered()
+}
+
+// send keeps p in the log and queues it on the connection, if there is
+// one. When the log is full (max bytes, though a message alone in it may
+// be longer) it waits for acknowledgements as long as ctx allows, or, with
+// wait false, fails with ErrQueueFull.
+//
+// While the application handles a message of this session the log may
+// hold up to twice its bound before send waits: a handler that answers on
+// its own session would otherwise wait for acknowledgements that only its
+// own reader, busy running it, can read.
+func (s *session) send(ctx context.Context, p []byte, wait bool) error {
+	s.mu.Lock()
+	for {
+		switch {
+		case s.ended != nil:
+			err := s.ended
+			s.mu.Unlock()
+			return err
+		case s.plain:
+			l := s.link
+			s.mu.Unlock()
+			if wait {
+				return l.send(ctx, p)
+			}
+			return l.offer(p)
+		}
+		if l := s.link; l != nil {
+			if err := l.fits(p); err != nil {
+				s.mu.Unlock()
+				return err
+			}
+		}
+		n := s.buffered()
+		if n == 0 || n+recordHeader+len(p) <= s.max ||
+			(s.delivering.Load() && n+recordHeader+len(p) <= 2*s.max) {
+			break
+		}
+		if !wait {
+			s.mu.Unlock()
+			return ErrQueueFull
+		}
+		if s.room == nil {
+			s.room = make(chan struct{})
+		}
+		room := s.room
+		s.mu.Unlock()
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		s.mu.Lock()
+	}
+	if s.log == nil {
+		s.log = getBuffer()
+	}
+	s.log.b = binary.BigEndian.AppendUint32(s.log.b, uint32(len(p)))
+	s.log.b = append(s.log.b, p...)
+	s.next++
+	if s.link != nil && s.link.push(p) {
+		s.wrote = s.next - 1
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// peerAcked drops the messages up to number n, which the peer says it has
+// received. An ack for a message not sent is a protocol error; one below
+// an earlier ack is ignored.
+func (s *session) peerAcked(n uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n >= s.next {
+		return protocolErrorf("ack for message %d, of %d sent", n, s.next-1)
+	}
+	s.dropLocked(n)
+	return nil
+}
+
+// dropLocked drops the messages up to number n from the log.
+func (s *session) dropLocked(n uint64) {
+	if n < s.first {
+		return
+	}
+	for s.first <= n {
+		s.head += recordHeader + int(binary.BigEndian.Uint32(s.log.b[s.head:]))
+		s.first++
+	}
+	switch {
+	case s.head == len(s.log.b):
+		putBuffer(s.log)
+		s.log, s.head = nil, 0
+	case s.head >= len(s.log.b)/2:
+		// Move the rest to the front, each byte at most once per
+		// time the log doubles.
+		s.log.b = s.log.b[:copy(s.log.b, s.log.b[s.head:])]
+		s.head = 0
+	}
+	s.wakeLocked()
+}
+
+func (s *session) wakeLocked() {
+	if s.room != nil {
+		close(s.room)
+		s.room = nil
+	}
+}
+
+// each calls fn with every message in the log, oldest first, and its
+// number.
+func (s *session) each(fn func(seq uint64, p []byte)) {
+	if s.log == nil {
+		return
+	}
+	seq := s.first
+	for off := s.head; off < len(s.log.b); seq++ {
+		n := int(binary.BigEndian.Uint32(s.log.b[off:]))
+		off += recordHeader
+		fn(seq, s.log.b[off:off+n])
+		off += n
+	}
+}
+
+// check refuses to resume for a peer that says it has received the first
+// peerReceived messages, when that is not a count between what it has
+// acknowledged and what was sent: a protocol error.
+func (s *session) check(peerReceived uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if peerReceived+1 < s.first || peerReceived >= s.next {
+		return protocolErrorf("resume after message %d, of %d to %d", peerReceived, s.first-1, s.next-1)
+	}
+	return nil
+}
+
+// resume makes l, whose peer has received the first peerReceived messages
+// of the session (a count check accepted), the connection in use, and
+// queues on it every message the peer lacks. The caller has queued the
+// hello on l, and l's reader has not started.
+func (s *session) resume(l *link, peerReceived uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dropLocked(peerReceived)
+	s.attachLocked(l)
+}
+
+// attachLocked makes l the session's connection and queues the log on it.
+func (s *session) attachLocked(l *link) {
+	s.link, s.plain = l, false
+	s.each(func(seq uint64, p []byte) {
+		if l.push(p) {
+			s.wrote = seq
+		}
+	})
+	s.ackedIn = s.received.Load()
+	s.unacked = 0
+	s.lastAck = time.Time{}
+}
+
+// restart begins the session anew, as id, on l, because the old one could
+// not be resumed; with plain, l is a connection to a server without
+// sessions and there is no new session. It returns the messages the peer
+// may or may not have received: those that went onto a connection and
+// were never acknowledged, which the application must now settle. The
+// messages that never went near the network are sent on l, first.
+func (s *session) restart(id sessionID, l *link, plain bool) (lost [][]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var (
+		kept  *buffer
+		count uint64
+	)
+	s.each(func(seq uint64, p []byte) {
+		switch {
+		case seq <= s.wrote:
+			lost = append(lost, append([]byte(nil), p...))
+		case plain:
+			l.push(p)
+		default:
+			if kept == nil {
+				kept = getBuffer()
+			}
+			kept.b = binary.BigEndian.AppendUint32(kept.b, uint32(len(p)))
+			kept.b = append(kept.b, p...)
+			count++
+		}
+	})
+	putBuffer(s.log)
+	s.log, s.head = kept, 0
+	s.id = id
+	s.first, s.next, s.wrote = 1, 1+count, 0
+	s.received.Store(0)
+	s.wakeLocked()
+	if plain {
+		s.link, s.plain = l, true
+	} else {
+		s.attachLocked(l)
+	}
+	return lost
+}
+
+// detach forgets l, which is down, as the session's connection: messages
+// sent from now on wait in the log for the next one.
+func (s *session) detach(l *link) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.link == l {
+		s.link, s.plain = nil, false
+	}
+}
+
+// end closes the session for good: sends return err from now on. It
+// frees the log. It returns how many messages were never
+// acknowledged, and reports false if the session had already ended.
+func (s *session) end(err error) (unacked uint64, first bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended != nil {
+		return 0, false
+	}
+	s.ended = err
+	unacked = s.next - s.first
+	putBuffer(s.log)
+	s.log, s.head = nil, 0
+	s.first = s.next
+	s.link, s.plain = nil, false
+	s.wakeLocked()
+	return unacked, true
+}
+
+// delivered counts a message of n bytes handed to the application, on the
+// reader's goroutine, and reports whether an ack is due: drained says the
+// reader has no more input buffered.
+func (s *session) delivered(n int, drained bool) bool {
+	r := s.received.Add(1)
+	s.unacked += n
+	return r-s.ackedIn >= ackEvery || s.unacked >= ackBytes ||
+		(drained && time.Since(s.lastAck) >= ackDelay)
+}
+
+// owesAck reports whether a message has been received since the last ack.
+func (s *session) owesAck() bool { return s.received.Load() != s.ackedIn }
+
+// ack returns the payload of an ack frame for every message received, and
+// notes it as sent. The payload is valid until the next call.
+func (s *session) ack() []byte {
+	r := s.received.Load()
+	s.ackedIn, s.unacked, s.lastAck = r, 0, time.Now()
+	binary.BigEndian.PutUint64(s.ackBuffer[:], r)
+	return s.ackBuffer[:]
+}
+
+// parseAck decodes an ack frame's payload.
+func parseAck(p []byte) (uint64, error) {
+	if len(p) != 8 {
+		return 0, protocolErrorf("ack frame of %d bytes, want 8", len(p))
+	}
+	return binary.BigEndian.Uint64(p), nil
+}
+
+// String returns the id in hexadecimal, for logs.
+func (id sessionID) String() string { return fmt.Sprintf("%x", id[:]) }
+
+// acknowledge counts a message of n bytes of session s, received on l and
+// handed to the application, and sends an ack when one is due. It reports
+// false if l is down.
+func acknowledge(l *link, s *session, n int) bool {
+	if s.delivered(n, l.fr.br.Buffered() == 0) {
+		return l.beat(frameAck, s.ack()) == nil
+	}
+	return true
+}
+
+// takeAck applies an ack frame received on l.
+func takeAck(l *link, p []byte) error {
+	if l.sess == nil {
+		return protocolErrorf("ack frame without a session")
+	}
+	n, err := parseAck(p)
+	if err != nil {
+		return err
+	}
+	return l.sess.peerAcked(n)
+}
+
+// ackOwed sends an ack on a heartbeat, a ping received or a pong, if a
+// message has come since the last one, so that a session's tail is
+// acknowledged within a ping interval. It reports false if l is down.
+func ackOwed(l *link) bool {
+	if s := l.sess; s != nil && s.owesAck() {
+		return l.beat(frameAck, s.ack()) == nil
+	}
+	return true
+}
+
+// The server keeps its sessions in Server.sessions, by id, from the moment
+// the first connection opens until the session ends. A session's Conn is
+// in one of three states, all under Server.mu:
+//
+//   - attached: a connection serves it; attached is open until that
+//     connection's goroutine lets go of it (leave);
+//   - suspended: no connection; it waits in the suspended queue for its
+//     client, at most the resume window;
+//   - claimed: a new connection is resuming it, waiting for the old one's
+//     goroutine to let go if need be.
+//
+// A resume takes the session over from its old connection even if that
+// one still looks alive, as a half-open connection does: the client knows
+// better.
+
+// sessionState is a session Conn's part of the table, guarded by
+// Server.mu.
+type sessionState struct {
+	attached chan struct{} // closed when the connection serving it lets go
+	claimed  bool          // a new connection is resuming it
+	// suspended is the number of its current suspension in the queue, 0
+	// when it is not suspended; buffered is its log's size then.
+	suspended uint64
+	buffered  int
+}
+
+// errTakenOver is the cause a session's old connection goes down with
+// when its client resumes the session on a new one.
+var errTakenOver = errors.New("vgo: session resumed on a new connection")
+
+// errResumed ends the context of a connection that resumed a session: the
+// session's Conn carries on in its place.
+var errResumed = errors.New("vgo: the connection resumed a session")
+
+// suspendQueue holds the suspended sessions, oldest first. Entries of
+// sessions resumed or ended since are skipped when they come up, so the
+// expiry sweep needs no timer per session: one timer, set for the oldest.
+type suspendQueue struct {
+	entries []suspension
+	head    int
+	next    uint64 // the number of the next suspension
+	count   int    // sessions suspended
+	bytes   int    // their logs when suspended
+	timer   *time.Timer
+	armed   bool
+}
+
+type suspension struct {
+	c     *Conn
+	n     uint64
+	until time.Time
+}
+
+// endsSession reports whether a connection's end, with cause, ends its
+// session: a close frame sent or received, or the server closing. Any
+// other failure suspends it.
+func endsSession(cause error) bool {
+	var ce *CloseError
+	return errors.As(cause, &ce) || errors.Is(cause, ErrClosed) ||
+		errors.Is(cause, ErrServerClosed) || errors.Is(cause, ErrProtocol)
+}
+
+// sameIdentity reports whether two identities from the authenticator name
+// the same client.
+func sameIdentity(a, b any) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	if reflect.TypeOf(a).Comparable() && reflect.TypeOf(b).Comparable() {
+		return a == b
+	}
+	return reflect.DeepEqual(a, b)
+}
+
+// claim finds the session a client asks to resume with hello h on
+// connection c, and takes it from the connection serving it, if any,
+// waiting until deadline for that one's goroutine to let go. It returns
+// nil, for a new session, when there is no such session or it belongs to
+// another identity.
+func (s *Server) claim(c *Conn, h hello, deadline time.Time) (*Conn, error) {
+	s.mu.Lock()
+	old := s.sessions[h.sessionID]
+	switch {
+	case old == nil || old.claimed:
+		s.mu.Unlock()
+		return nil, nil
+	case !sameIdentity(old.Identity(), c.Identity()):
+		s.mu.Unlock()
+		c.log.WithField("session", h.sessionID.String()).Warn("resume refused: the session belongs to another identity")
+		return nil, nil
+	}
+	old.claimed = true
+	s.unsuspendLocked(old)
+	attached, l := old.attached, old.l
+	s.mu.Unlock()
+	if attached != nil {
+		l.shutdown(errTakenOver)
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			t := time.NewTimer(time.Until(deadline))
+			defer t.Stop()
+			expired = t.C
+		}
+		select {
+		case <-attached:
+		case <-expired:
+			s.unclaim(old)
+			return nil, handshakeError("resume", ErrHandshakeTimeout)
+		}
+	}
+	s.mu.Lock()
+	live := s.sessions[h.sessionID] == old
+	s.mu.Unlock()
+	if !live {
+		return nil, nil
+	}
+	if err := old.sess.Load().check(h.received); err != nil {
+		s.unclaim(old)
+		return nil, err
+	}
+	return old, nil
+}
+
+// unclaim gives back a session whose resume failed: it is suspended again,
+// or ended if the server is closing.
+func (s *Server) unclaim(c *Conn) {
+	s.mu.Lock()
+	c.claimed = false
+	if _, live := s.sessions[c.sess.Load().id]; !live {
+		s.mu.Unlock()
+		return
+	}
+	var ended []*Conn
+	if s.closing {
+		s.dropLocked(c)
+		ended = append(ended, c)
+	} else {
+		ended = s.suspendLocked(c)
+	}
+	s.mu.Unlock()
+	s.closeSessions(ended, ErrServerClosed)
+}
+
+// adoptLocked moves connection c, just opened, into the session's Conn
+// sc, which it serves from now on.
+func (s *Server) adoptLocked(sc, c *Conn) {
+	sc.l, sc.remote, sc.local, sc.log = c.l, c.remote, c.local, c.log
+	sc.underTLS, sc.trusted, sc.sealed = c.underTLS, c.trusted, c.sealed
+	sc.opened, c.opened = true, false
+	sc.claimed = false
+	sc.attached = make(chan struct{})
+	delete(s.conns, c.id)
+	s.conns[sc.id] = sc
+}
+
+// leave lets go of the session of c, whose connection ended with cause:
+// the session is suspended, or ended if cause ends it. It also forgets the
+// connection.
+func (s *Server) leave(c *Conn, cause error) {
+	c.sess.Load().detach(c.l)
+	s.mu.Lock()
+	s.forgetLocked(c)
+	close(c.attached)
+	c.attached = nil
+	// Once c.attached is closed, a new connection may take c over:
+	// read nothing of it after unlocking but what is kept here.
+	var evicted []*Conn
+	ends := endsSession(cause) || s.closing
+	suspends := !ends && !c.claimed
+	log := c.log
+	switch {
+	case ends:
+		s.dropLocked(c)
+	case suspends:
+		evicted = s.suspendLocked(c)
+	}
+	s.mu.Unlock()
+	if ends {
+		s.closeSession(c, cause)
+	} else if suspends {
+		log.WithField("session", c.sess.Load().id.String()).Info("session suspended")
+	}
+	s.closeSessions(evicted, ErrSessionEvicted)
+}
+
+// suspendLocked puts c's session in the suspended queue, and returns the
+// sessions the bounds on suspended ones push out, already dropped.
+func (s *Server) suspendLocked(c *Conn) (evicted []*Conn) {
+	q := &s.suspended
+	q.next++
+	c.suspended = q.next
+	c.buffered = c.sess.Load().size()
+	q.count++
+	q.bytes += c.buffered
+	q.entries = append(q.entries, suspension{c: c, n: c.suspended, until: time.Now().Add(s.opts.sessions.Window)})
+	s.armLocked()
+	for q.count > s.opts.sessions.MaxSuspended || q.bytes > s.opts.sessions.MaxBytes {
+		old := s.oldestLocked()
+		s.dropLocked(old)
+		evicted = append(evicted, old)
+	}
+	return evicted
+}
+
+// oldestLocked returns the session suspended longest; there is one.
+func (s *Server) oldestLocked() *Conn {
+	q := &s.suspended
+	for {
+		e := q.entries[q.head]
+		if e.c.suspended == e.n {
+			return e.c
+		}
+		q.popLocked()
+	}
+}
+
+// popLocked removes the queue's first entry.
+func (q *suspendQueue) popLocked() {
+	q.entries[q.head] = suspension{}
+	q.head++
+	if q.head == len(q.entries) {
+		q.entries, q.head = q.entries[:0], 0
+	} else if q.head >= len(q.entries)/2 && q.head >= 64 {
+		q.entries = q.entries[:copy(q.entries, q.entries[q.head:])]
+		q.head = 0
+	}
+}
+
+// unsuspendLocked takes c out of the suspended sessions, if it is one.
+func (s *Server) unsuspendLocked(c *Conn) {
+	if c.suspended == 0 {
+		return
+	}
+	c.suspended = 0
+	s.suspended.count--
+	s.suspended.bytes -= c.buffered
+}
+
+// dropLocked removes c's session from the table; the caller then ends it
+// with closeSession.
+func (s *Server) dropLocked(c *Conn) {
+	s.unsuspendLocked(c)
+	delete(s.sessions, c.sess.Load().id)
+}
+
+// armLocked sets the expiry timer for the oldest suspended session.
+func (s *Server) armLocked() {
+	q := &s.suspended
+	if q.armed || s.closing {
+		return
+	}
+	for q.head < len(q.entries) && q.entries[q.head].c.suspended != q.entries[q.head].n {
+		q.popLocked()
+	}
+	if q.head == len(q.entries) {
+		return
+	}
+	d := time.Until(q.entries[q.head].until)
+	if q.timer == nil {
+		q.timer = time.AfterFunc(d, s.expire)
+	} else {
+		q.timer.Reset(d)
+	}
+	q.armed = true
+}
+
+// expire ends the suspended sessions whose window has passed.
+func (s *Server) expire() {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return
+	}
+	s.wg.Add(1) // Close waits for the callbacks below
+	defer s.wg.Done()
+	q := &s.suspended
+	q.armed = false
+	now := time.Now()
+	var expired []*Conn
+	for q.head < len(q.entries) {
+		e := q.entries[q.head]
+		if e.c.suspended == e.n {
+			if e.until.After(now) {
+				break
+			}
+			s.dropLocked(e.c)
+			expired = append(expired, e.c)
+		}
+		q.popLocked()
+	}
+	s.armLocked()
+	s.mu.Unlock()
+	s.closeSessions(expired, ErrSessionExpired)
+}
+
+// takeSuspendedLocked drops every suspended session, for a server that is
+// closing, and returns them.
+func (s *Server) takeSuspendedLocked() []*Conn {
+	q := &s.suspended
+	var all []*Conn
+	for _, e := range q.entries[q.head:] {
+		if e.c.suspended == e.n {
+			s.dropLocked(e.c)
+			all = append(all, e.c)
+		}
+	}
+	q.entries, q.head = nil, 0
+	if q.timer != nil {
+		q.timer.Stop()
+	}
+	q.armed = false
+	return all
+}
+
+func (s *Server) closeSessions(cs []*Conn, cause error) {
+	for _, c := range cs {
+		s.closeSession(c, cause)
+	}
+}
+
+// closeSession ends c's session, already dropped from the table, with
+// cause: sends fail from now on, the unacknowledged messages are let go,
+// its context ends and WithOnConnClose runs.
+func (s *Server) closeSession(c *Conn, cause error) {
+	unacked, first := c.sess.Load().end(ErrClosed)
+	if !first {
+		return
+	}
+	if errors.Is(cause, ErrSessionExpired) || errors.Is(cause, ErrSessionEvicted) {
+		s.stats.expired.Add(1)
+	}
+	c.finish(cause)
+	c.log.WithFields(logrus.Fields{"session": c.sess.Load().id.String(), "unacked": unacked, "err": cause}).Info("session ended")
+	if fn := s.opts.onConnClose; fn != nil {
+		fn(c, cause)
+	}
+}
