@@ -3,8 +3,8 @@ package vgo
 import (
 	"context"
 	"io"
-	"os"
 	"net"
+	"os"
 	"runtime"
 	"testing"
 	"time"

@@ -113,8 +113,8 @@ type serverOptions struct {
 	handler      func(c *Conn, msg []byte)
 	onConnOpen   func(c *Conn)
 	onConnResume func(c *Conn)
-	onConnClose func(c *Conn, err error)
-	onPing      func(c *Conn)
+	onConnClose  func(c *Conn, err error)
+	onPing       func(c *Conn)
 }
 
 type commonOption func(*commonOptions)

@@ -65,11 +65,11 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		return nil, err
 	}
 	return &Server{
-		opts:    o,
-		log:     o.logger,
-		done:    make(chan struct{}),
-		drained: make(chan struct{}),
-		conns:   make(map[uint64]*Conn),
+		opts:     o,
+		log:      o.logger,
+		done:     make(chan struct{}),
+		drained:  make(chan struct{}),
+		conns:    make(map[uint64]*Conn),
 		sessions: make(map[sessionID]*Conn),
 	}, nil
 }
