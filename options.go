@@ -559,12 +559,12 @@ func newClientOptions(opts []ClientOption) (clientOptions, error) {
 	}
 	if o.resumeOn {
 		switch {
-		case o.resume == 0:
-			o.resume = DefaultSessionBuffer
 		case o.resume < 0:
 			return o, invalid("session buffer of %d bytes is negative", o.resume)
 		case o.sendBuffer.maxMessages != 0 || o.sendBuffer.maxBytes != 0:
 			return o, invalid("a send buffer cannot be combined with sessions, whose log keeps the messages sent while disconnected")
+		case o.resume == 0:
+			o.resume = DefaultSessionBuffer
 		}
 	}
 	if b := o.sendBuffer; b.maxMessages != 0 || b.maxBytes != 0 {

@@ -1,10 +1,13 @@
 package vgo
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"runtime"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"github.com/vgonet/vgo/vgotest"
@@ -168,4 +171,273 @@ func TestSessionStreamsSurviveFaults(t *testing.T) {
 	require.Zero(t, st.SessionsLost)
 	require.Equal(t, uint64(cuts), st.Resumes)
 	t.Logf("%d messages up, %d down, %d resumes", sentUp, sentDown, st.Resumes)
+}
+
+// rawSession opens a raw connection that asks for a session, resuming id
+// (zero for a new one) after receiving received messages, with the given
+// credentials, and returns it and the server's hello.
+func rawSession(t *testing.T, addr string, id sessionID, received uint64, creds []byte) (*rawConn, hello) {
+	t.Helper()
+	r := dialRaw(t, addr)
+	mine := hello{version: ProtocolVersion, credentials: creds, resume: true, sessionID: id, received: received}
+	r.write(appendFrame(nil, frameHello, mine.marshal()))
+	ft, p := r.next()
+	require.Equal(t, frameHello, ft, "server's first frame")
+	h, err := parseHello(p, true)
+	require.NoError(t, err)
+	require.True(t, h.session, "the server grants a session")
+	require.NotZero(t, h.sessionID)
+	return r, h
+}
+
+// byName is an authenticator whose identity is the credentials up to a
+// colon: "alice:token1" and "alice:token2" are the same client.
+func byName(_ *Conn, creds []byte) (any, error) {
+	name, _, _ := bytes.Cut(creds, []byte(":"))
+	return string(name), nil
+}
+
+func TestSessionResumeNeedsTheIdAndTheIdentity(t *testing.T) {
+	opened := make(chan *Conn, 4)
+	resumed := make(chan *Conn, 4)
+	_, addr := startServer(t, WithSessions(Sessions{}), WithAuthenticator(byName),
+		WithHandler(func(c *Conn, p []byte) {}),
+		WithOnConnOpen(func(c *Conn) { opened <- c }),
+		WithOnConnResume(func(c *Conn) { resumed <- c }))
+
+	alice, h := rawSession(t, addr, sessionID{}, 0, []byte("alice:1"))
+	aliceConn := recv(t, opened)
+	require.Zero(t, h.received)
+	alice.send(frameData, numbered(1, 8))
+	alice.send(framePing, nil) // the server acknowledges before its pong
+	ft, p := alice.next()
+	require.Equal(t, frameAck, ft)
+	require.Equal(t, []byte{0, 0, 0, 0, 0, 0, 0, 1}, p)
+	require.NoError(t, alice.nc.Close())
+
+	t.Run("an unknown id gets a new session", func(t *testing.T) {
+		_, got := rawSession(t, addr, newSessionID(), 0, []byte("alice:1"))
+		require.NotEqual(t, h.sessionID, got.sessionID)
+		require.NotSame(t, aliceConn, recv(t, opened))
+	})
+	t.Run("another identity gets a new session", func(t *testing.T) {
+		_, got := rawSession(t, addr, h.sessionID, 0, []byte("mallory:1"))
+		require.NotEqual(t, h.sessionID, got.sessionID)
+		recv(t, opened)
+	})
+	t.Run("new credentials of the same identity resume", func(t *testing.T) {
+		r, got := rawSession(t, addr, h.sessionID, 0, []byte("alice:2"))
+		require.Equal(t, h.sessionID, got.sessionID)
+		require.EqualValues(t, 1, got.received, "the server says what it has")
+		require.Same(t, aliceConn, recv(t, resumed))
+		require.Equal(t, r.local(), aliceConn.RemoteAddr().String())
+	})
+}
+
+func TestSessionResumeCountsAreChecked(t *testing.T) {
+	opened := make(chan *Conn, 1)
+	srv, addr := startServer(t, WithSessions(Sessions{}), WithOnConnOpen(func(c *Conn) { opened <- c }))
+	r, h := rawSession(t, addr, sessionID{}, 0, nil)
+	conn := recv(t, opened)
+	require.NoError(t, conn.Send(testContext(t), []byte("one")))
+	ft, p := r.next()
+	require.Equal(t, frameData, ft)
+	require.Equal(t, "one", string(p))
+	require.NoError(t, r.nc.Close())
+	require.Eventually(t, func() bool { return srv.Stats().Suspended == 1 }, waitFor, time.Millisecond)
+
+	// The server sent one message: a client cannot have received two.
+	bad := dialRaw(t, addr)
+	bad.write(appendFrame(nil, frameHello, hello{version: ProtocolVersion, resume: true, sessionID: h.sessionID, received: 2}.marshal()))
+	bad.expectClose(CloseProtocolError)
+	require.Equal(t, 1, srv.Stats().Suspended, "a bad resume leaves the session suspended")
+
+	// Having received it, the client is sent nothing again.
+	good, got := rawSession(t, addr, h.sessionID, 1, nil)
+	require.Equal(t, h.sessionID, got.sessionID)
+	require.NoError(t, conn.Send(testContext(t), []byte("two")))
+	ft, p = good.next()
+	require.Equal(t, frameData, ft)
+	require.Equal(t, "two", string(p))
+
+	t.Run("acks", func(t *testing.T) {
+		good.send(frameAck, []byte{0, 0, 0, 0, 0, 0, 0, 3})
+		good.expectClose(CloseProtocolError) // for a message not sent
+	})
+}
+
+func TestSessionAckWithoutSessionIsAProtocolError(t *testing.T) {
+	_, addr := startServer(t, WithSessions(Sessions{}))
+	r := dialHello(t, addr)
+	r.send(frameAck, make([]byte, 8))
+	r.expectClose(CloseProtocolError)
+}
+
+func TestSessionExpires(t *testing.T) {
+	var lost [][]byte
+	lostCh := make(chan struct{}, 1)
+	down := make(chan error, 16)
+	r := newSessionRig(t, []ServerOption{WithSessions(Sessions{Window: 300 * time.Millisecond})},
+		WithOnSessionLost(func(unacked [][]byte) { lost = unacked; lostCh <- struct{}{} }),
+		// The client notices nothing until the link is cut below.
+		WithPongTimeout(time.Minute),
+		WithOnDisconnect(func(err error) { down <- err }))
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	conn := recv(t, r.opened)
+
+	// Frozen, the link takes messages and delivers none: they are
+	// written and never acknowledged.
+	r.proxy.Refuse()
+	l := r.proxy.Links()[0]
+	l.Freeze()
+	for i := uint64(1); i <= 3; i++ {
+		require.NoError(t, r.client.Send(ctx, numbered(i, 8)))
+	}
+	require.NoError(t, conn.Send(ctx, []byte("while away")))
+	require.ErrorIs(t, recv(t, r.closed), ErrSessionExpired)
+	require.ErrorIs(t, conn.Send(ctx, []byte("after")), ErrClosed)
+	require.EqualValues(t, 1, r.srv.Stats().Expired)
+	require.Zero(t, r.srv.Stats().Suspended)
+
+	l.Cut()
+	recv(t, down)
+	require.NoError(t, r.client.Send(ctx, numbered(4, 8))) // never written: kept
+	r.proxy.Admit()
+	recv(t, lostCh)
+	require.Len(t, lost, 3, "the messages written and never acknowledged are handed back")
+	for i, p := range lost {
+		require.EqualValues(t, i+1, binary.BigEndian.Uint64(p))
+	}
+	recv(t, r.opened) // a new session
+	r.toServer.wait(t, ctx, 4, "the message sent while away")
+	require.EqualValues(t, 1, r.client.Stats().SessionsLost)
+}
+
+func TestSessionServerRestarted(t *testing.T) {
+	lostCh := make(chan [][]byte, 1)
+	r := newSessionRig(t, nil, WithOnSessionLost(func(unacked [][]byte) { lostCh <- unacked }))
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	recv(t, r.opened)
+	require.NoError(t, r.client.Send(ctx, numbered(1, 8)))
+	r.toServer.wait(t, ctx, 1, "before the restart")
+
+	// A new server, which knows nothing of the session, takes the old
+	// one's place; the old one vanishes without a word.
+	opened := make(chan *Conn, 1)
+	_, addr := startServer(t, WithSessions(Sessions{}), WithOnConnOpen(func(c *Conn) { opened <- c }))
+	r.proxy.SetTarget(addr)
+	r.proxy.Cut()
+	recv(t, opened)
+	lost := recv(t, lostCh)
+	require.LessOrEqual(t, len(lost), 1, "at most the one message, if its ack had not come")
+	require.EqualValues(t, 1, r.client.Stats().SessionsLost)
+}
+
+func TestSessionBufferFull(t *testing.T) {
+	r := newSessionRig(t, []ServerOption{WithSessions(Sessions{BufferBytes: 1000})}, WithResume(1000))
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	conn := recv(t, r.opened)
+	r.proxy.Links()[0].Freeze() // no acks come back
+
+	fill := func(send func([]byte) error) {
+		for i := uint64(1); ; i++ {
+			if err := send(numbered(i, 100)); err != nil {
+				require.ErrorIs(t, err, ErrQueueFull)
+				require.Greater(t, i, uint64(8), "the log holds about 1000 bytes")
+				return
+			}
+		}
+	}
+	fill(r.client.TrySend)
+	fill(conn.TrySend)
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, r.client.Send(short, numbered(99, 100)), context.DeadlineExceeded, "Send waits for acks")
+	require.ErrorIs(t, conn.Send(short, numbered(99, 100)), context.DeadlineExceeded, "Conn.Send waits for acks")
+
+	_, err := NewClient("127.0.0.1:1", WithResume(0), WithSendBuffer(10, 1000, BufferBlock))
+	require.ErrorIs(t, err, ErrInvalidOption, "the session's log is the send buffer")
+}
+
+func TestSessionClientCloseEndsIt(t *testing.T) {
+	r := newSessionRig(t, nil)
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	recv(t, r.opened)
+	require.NoError(t, r.client.Close())
+	var ce *CloseError
+	require.ErrorAs(t, recv(t, r.closed), &ce, "the client's close frame ends the session")
+	require.Zero(t, r.srv.Stats().Suspended)
+	require.Zero(t, r.srv.Len())
+}
+
+func TestSessionShutdownEndsIt(t *testing.T) {
+	r := newSessionRig(t, nil)
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	recv(t, r.opened)
+
+	// A second client, gone, has a suspended session.
+	away, _ := rawSession(t, r.srv.Addr().String(), sessionID{}, 0, nil)
+	recv(t, r.opened)
+	require.NoError(t, away.nc.Close())
+	require.Eventually(t, func() bool { return r.srv.Stats().Suspended == 1 }, waitFor, time.Millisecond)
+
+	// The client's next hello goes to a listener that reads it.
+	next := listen(t)
+	r.proxy.SetTarget(next.Addr().String())
+	require.NoError(t, r.srv.Shutdown(ctx))
+	require.ErrorIs(t, recv(t, r.closed), ErrServerClosed)
+	require.ErrorIs(t, recv(t, r.closed), ErrServerClosed)
+	nc, err := next.Accept()
+	require.NoError(t, err)
+	defer nc.Close()
+	ft, p, err := newFrameReader(nc, DefaultMaxFrameSize).next()
+	require.NoError(t, err)
+	require.Equal(t, frameHello, ft)
+	h, err := parseHello(p, false)
+	require.NoError(t, err)
+	require.True(t, h.resume)
+	require.Zero(t, h.sessionID, "the goodbye said the session ended: the client asks for a new one")
+}
+
+func TestSessionPeersWithoutSessions(t *testing.T) {
+	t.Run("a resuming client and a plain server", func(t *testing.T) {
+		got := newSequence()
+		_, addr := startServer(t, WithHandler(func(_ *Conn, p []byte) { got.add(p) }))
+		c := newTestClient(t, addr, WithResume(1000))
+		ctx := testContext(t)
+		require.NoError(t, c.WaitConnected(ctx))
+		// Far more than the log holds: nothing waits for acks.
+		for i := uint64(1); i <= 1000; i++ {
+			require.NoError(t, c.Send(ctx, numbered(i, 100)))
+		}
+		got.wait(t, ctx, 1000, "to the plain server")
+		got.check(t, "to the plain server")
+	})
+	t.Run("a plain client and a server with sessions", func(t *testing.T) {
+		closed := make(chan error, 1)
+		_, addr := startServer(t, WithSessions(Sessions{}), WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
+		r := dialHello(t, addr)
+		require.NoError(t, r.nc.Close())
+		require.ErrorIs(t, recv(t, closed), errPeerClosed, "without a session, the connection's end is the Conn's")
+	})
+}
+
+func TestSessionSuspendedBounds(t *testing.T) {
+	closed := make(chan error, 4)
+	srv, addr := startServer(t, WithSessions(Sessions{MaxSuspended: 1}),
+		WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
+	before := runtime.NumGoroutine()
+	first, _ := rawSession(t, addr, sessionID{}, 0, nil)
+	second, _ := rawSession(t, addr, sessionID{}, 0, nil)
+	require.NoError(t, first.nc.Close())
+	require.Eventually(t, func() bool { return srv.Stats().Suspended == 1 }, waitFor, time.Millisecond)
+	require.NoError(t, second.nc.Close())
+	require.ErrorIs(t, recv(t, closed), ErrSessionEvicted, "the oldest suspended session makes room")
+	require.Equal(t, 1, srv.Stats().Suspended)
+	require.LessOrEqual(t, settleGoroutines(before), before, "a suspended session has no goroutine")
 }
