@@ -117,6 +117,35 @@ func TestParseHello(t *testing.T) {
 		_, err := parseHello(p, true)
 		assert.ErrorIs(t, err, ErrProtocol, name)
 	}
+
+	// The session fields: a client asks with tag 04, empty or naming a
+	// session; a server grants with tag 12, always naming one.
+	resume := hello{version: 1, resume: true, sessionID: sessionID{7}, received: 3}.marshal()
+	h, err = parseHello(resume, false)
+	require.NoError(t, err)
+	assert.Equal(t, hello{version: 1, resume: true, sessionID: sessionID{7}, received: 3}, h)
+	for name, tc := range map[string]struct {
+		p          []byte
+		fromServer bool
+	}{
+		"resume from a server":  {resume, true},
+		"session from a client": {hello{version: 1, session: true, sessionID: sessionID{7}}.marshal(), false},
+		"resume of 5 bytes":     {appendField(hello{version: 1}.marshal(), tagResume, make([]byte, 5)), false},
+		"empty session":         {appendField(hello{version: 1}.marshal(), tagSession, nil), true},
+		"the zero session":      {appendField(hello{version: 1}.marshal(), tagResume, make([]byte, sessionFieldSize)), false},
+	} {
+		_, err := parseHello(tc.p, tc.fromServer)
+		assert.ErrorIs(t, err, ErrProtocol, name)
+	}
+}
+
+func TestGoodbyeFlags(t *testing.T) {
+	window, ends := parseGoodbye([]byte{0, 0, 0x13, 0x88})
+	assert.Equal(t, 5*time.Second, window)
+	assert.False(t, ends)
+	window, ends = parseGoodbye([]byte{0, 0, 0, 0, goodbyeEndsSession})
+	assert.Zero(t, window)
+	assert.True(t, ends)
 }
 
 func TestCloseFrame(t *testing.T) {
@@ -147,6 +176,8 @@ func FuzzFrameReader(f *testing.F) {
 	f.Add(append(appendFrame(appendFrame(nil, frameFirst, []byte{0, 0, 0, 6, 'a', 'b'}), framePing, nil),
 		appendFrame(nil, frameFragment, []byte("cdef"))...))
 	f.Add(appendFrame(nil, frameFirst, []byte{0xff, 0xff, 0xff, 0xff}))
+	f.Add(appendFrame(appendFrame(nil, frameAck, []byte{0, 0, 0, 0, 0, 0, 1, 0}), frameGoodbye, []byte{0, 0, 0x13, 0x88, goodbyeEndsSession}))
+	f.Add(header(frameAck, 9))
 	const max = 1024
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r := newFrameReader(bytes.NewReader(in), max)
@@ -173,6 +204,9 @@ func FuzzParseHello(f *testing.F) {
 	f.Add([]byte("VGO"))
 	f.Add(hello{version: 1, credentials: []byte("token"), pingInterval: time.Second, minPing: time.Millisecond, maxPing: time.Minute}.marshal())
 	f.Add(hello{version: 1, maxMessage: 1 << 20, heartbeatTimeout: 15 * time.Second, maxPing: 5 * time.Second}.marshal())
+	f.Add(hello{version: 1, resume: true}.marshal())
+	f.Add(hello{version: 1, resume: true, sessionID: sessionID{1, 2, 3}, received: 1 << 40, credentials: []byte("t")}.marshal())
+	f.Add(hello{version: 1, session: true, sessionID: sessionID{15: 9}, received: 7}.marshal())
 	f.Fuzz(func(t *testing.T, p []byte) {
 		for _, fromServer := range []bool{false, true} {
 			h, err := parseHello(p, fromServer)
@@ -185,7 +219,8 @@ func FuzzParseHello(f *testing.F) {
 			again, err := parseHello(h.marshal(), fromServer)
 			if err != nil || again.version != h.version || !bytes.Equal(again.credentials, h.credentials) ||
 				again.pingInterval != h.pingInterval || again.maxMessage != h.maxMessage ||
-				again.minPing != h.minPing || again.maxPing != h.maxPing || again.heartbeatTimeout != h.heartbeatTimeout {
+				again.minPing != h.minPing || again.maxPing != h.maxPing || again.heartbeatTimeout != h.heartbeatTimeout ||
+				again.resume != h.resume || again.session != h.session || again.sessionID != h.sessionID || again.received != h.received {
 				t.Fatalf("round trip of %+v gave %+v, %v", h, again, err)
 			}
 		}

@@ -441,3 +441,72 @@ func TestSessionSuspendedBounds(t *testing.T) {
 	require.Equal(t, 1, srv.Stats().Suspended)
 	require.LessOrEqual(t, settleGoroutines(before), before, "a suspended session has no goroutine")
 }
+
+// FuzzSessionLog drives a session's log with sends, acks and resumes
+// read from the input, and checks it against a plain model: the log holds
+// exactly the messages sent and not acknowledged, in order, and a resume
+// is refused for exactly the counts outside them.
+func FuzzSessionLog(f *testing.F) {
+	f.Add([]byte{0, 10, 0, 20, 1, 1, 2, 1, 0, 200, 1, 3})
+	f.Add([]byte{0, 255, 0, 255, 0, 255, 0, 255, 0, 255, 1, 4, 2, 9})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		const bound = 1000
+		s := newSession(sessionID{1}, bound)
+		var (
+			model [][]byte // unacknowledged, oldest first
+			first uint64   = 1
+		)
+		for len(ops) >= 2 {
+			op, arg := ops[0]%3, ops[1]
+			ops = ops[2:]
+			switch op {
+			case 0: // send a message of arg bytes
+				p := bytes.Repeat([]byte{arg}, int(arg))
+				s.mu.Lock()
+				full := s.buffered() > 0 && s.buffered()+recordHeader+len(p) > bound
+				s.mu.Unlock()
+				err := s.send(context.Background(), p, false)
+				if full {
+					require.ErrorIs(t, err, ErrQueueFull)
+					continue
+				}
+				require.NoError(t, err)
+				model = append(model, p)
+			case 1: // the peer acknowledges up to arg more than the oldest
+				n := first - 1 + uint64(arg)
+				err := s.peerAcked(n)
+				if n >= first+uint64(len(model)) {
+					require.ErrorIs(t, err, ErrProtocol)
+					continue
+				}
+				require.NoError(t, err)
+				model = model[n+1-first:]
+				first = n + 1
+			case 2: // a resume after arg messages
+				n := uint64(arg)
+				err := s.check(n)
+				if n+1 < first || n >= first+uint64(len(model)) {
+					require.ErrorIs(t, err, ErrProtocol)
+					continue
+				}
+				require.NoError(t, err)
+				s.mu.Lock()
+				s.dropLocked(n)
+				s.mu.Unlock()
+				model = model[n+1-first:]
+				first = n + 1
+			}
+			var got [][]byte
+			s.mu.Lock()
+			s.each(func(seq uint64, p []byte) {
+				require.Equal(t, first+uint64(len(got)), seq)
+				got = append(got, append([]byte(nil), p...))
+			})
+			s.mu.Unlock()
+			require.Equal(t, len(model), len(got))
+			for i := range model {
+				require.True(t, bytes.Equal(model[i], got[i]), "message %d", first+uint64(i))
+			}
+		}
+	})
+}
