@@ -153,6 +153,12 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 // before the connection dies are lost with it, and the loss is reported as
 // the disconnect, not by Send. Send copies payload and does not keep it.
 //
+// With a session (WithResume) nothing is lost that way: Send keeps the
+// message until the server acknowledges it, also while disconnected, and
+// waits for room while the session's log is full; see WithResume. The
+// rest of this comment is about a client without one, or whose server
+// does not offer sessions.
+//
 // When the connection's send queue (64 KiB) is full, Send waits for room as
 // long as ctx allows and then returns ctx.Err(). While there is no
 // connection it fails at once with ErrNotConnected, or with a send buffer
@@ -410,13 +416,13 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 			c.stats.bytesIn.Add(uint64(len(p)))
 			s := l.sess
 			if s != nil {
-				s.delivering.Store(true)
+				s.beginDelivery()
 			}
 			if fn := c.opts.onMessage; fn != nil {
 				fn(p)
 			}
 			if s != nil {
-				s.delivering.Store(false)
+				s.endDelivery()
 				if !acknowledge(l, s, len(p)) {
 					return
 				}

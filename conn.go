@@ -246,6 +246,14 @@ func (l *link) send(ctx context.Context, p []byte) error {
 	}
 }
 
+// hasRoom reports whether the stream queue has room, or the link is down
+// and the next offer will say so.
+func (l *link) hasRoom() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed || l.queuedLocked() < sendQueueLimit
+}
+
 // waitRoom waits until the stream queue may have room, or the link is down
 // (the next offer says which), or ctx ends.
 func (l *link) waitRoom(ctx context.Context) error {

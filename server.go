@@ -486,13 +486,13 @@ func (s *Server) readLoop(c *Conn) error {
 		case frameData:
 			ss := c.l.sess
 			if ss != nil {
-				ss.delivering.Store(true)
+				ss.beginDelivery()
 			}
 			if fn := s.opts.handler; fn != nil {
 				fn(c, p)
 			}
 			if ss != nil {
-				ss.delivering.Store(false)
+				ss.endDelivery()
 				if !acknowledge(c.l, ss, len(p)) {
 					return nil
 				}

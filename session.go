@@ -85,8 +85,10 @@ type session struct {
 	ended error         // set once the session is over; sends return it
 
 	// delivering is set while the application handles a message of this
-	// session, on the reader's goroutine (see send).
+	// session, on the reader's goroutine, and waiting counts the senders
+	// waiting for acknowledgements (see send).
 	delivering atomic.Bool
+	waiting    atomic.Int32
 
 	// The receiving side, owned by the reader of the connection in use.
 	received  atomic.Uint64 // messages received and delivered
@@ -127,10 +129,13 @@ func (s *session) size() int {
 // be longer) it waits for acknowledgements as long as ctx allows, or, with
 // wait false, fails with ErrQueueFull.
 //
-// While the application handles a message of this session the log may
-// hold up to twice its bound before send waits: a handler that answers on
-// its own session would otherwise wait for acknowledgements that only its
-// own reader, busy running it, can read.
+// While the session's reader runs the application's handler, it reads no
+// acknowledgements, and the caller may be that handler: waiting for them
+// could wait for ever. Then send waits instead, as a connection without a
+// session does, for its writer to make room in the send queue, and the log
+// may grow past its bound by what the peer has been sent and has not yet
+// acknowledged. A peer that lets that reach overrun times the bound is
+// dropped as a slow consumer; the session survives it.
 func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 	s.mu.Lock()
 	for {
@@ -147,32 +152,38 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 			}
 			return l.offer(p)
 		}
-		if l := s.link; l != nil {
+		l := s.link
+		if l != nil {
 			if err := l.fits(p); err != nil {
 				s.mu.Unlock()
 				return err
 			}
 		}
 		n := s.buffered()
-		if n == 0 || n+recordHeader+len(p) <= s.max ||
-			(s.delivering.Load() && n+recordHeader+len(p) <= 2*s.max) {
+		if n == 0 || n+recordHeader+len(p) <= s.max {
 			break
+		}
+		if l != nil && s.delivering.Load() {
+			if l.hasRoom() {
+				break
+			}
+			s.mu.Unlock()
+			if !wait {
+				return ErrQueueFull
+			}
+			if err := l.waitRoom(ctx); err != nil {
+				return err
+			}
+			s.mu.Lock()
+			continue
 		}
 		if !wait {
 			s.mu.Unlock()
 			return ErrQueueFull
 		}
-		if s.room == nil {
-			s.room = make(chan struct{})
+		if err := s.waitAcks(ctx); err != nil {
+			return err
 		}
-		room := s.room
-		s.mu.Unlock()
-		select {
-		case <-room:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		s.mu.Lock()
 	}
 	if s.log == nil {
 		s.log = getBuffer()
@@ -180,12 +191,59 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 	s.log.b = binary.BigEndian.AppendUint32(s.log.b, uint32(len(p)))
 	s.log.b = append(s.log.b, p...)
 	s.next++
-	if s.link != nil && s.link.push(p) {
+	if l := s.link; l != nil && l.push(p) {
 		s.wrote = s.next - 1
+		if n := s.buffered(); n > overrun*s.max {
+			l.shutdown(fmt.Errorf("%w: %d bytes sent and not acknowledged", ErrSlowConsumer, n))
+		}
 	}
 	s.mu.Unlock()
 	return nil
 }
+
+// overrun is how many times its bound a session's log may hold, while its
+// reader runs the application's handler, before the peer is dropped.
+const overrun = 4
+
+// waitAcks waits for the log to shrink, for the session to change (a
+// connection comes or goes, it ends), or for its reader to start running
+// the application's handler, when send waits differently. It is called
+// with s.mu held and returns with it held, except on error.
+func (s *session) waitAcks(ctx context.Context) error {
+	if s.room == nil {
+		s.room = make(chan struct{})
+	}
+	room := s.room
+	// Counted before delivering is read, and delivering set before
+	// waiting is read (beginDelivery), so that one sees the other.
+	s.waiting.Add(1)
+	defer s.waiting.Add(-1)
+	if s.delivering.Load() {
+		return nil
+	}
+	s.mu.Unlock()
+	select {
+	case <-room:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.mu.Lock()
+	return nil
+}
+
+// beginDelivery marks the application's handler as running on the
+// session's reader, and wakes the senders waiting for acknowledgements,
+// which the reader no longer reads, to wait for the writer instead.
+func (s *session) beginDelivery() {
+	s.delivering.Store(true)
+	if s.waiting.Load() > 0 {
+		s.mu.Lock()
+		s.wakeLocked()
+		s.mu.Unlock()
+	}
+}
+
+func (s *session) endDelivery() { s.delivering.Store(false) }
 
 // peerAcked drops the messages up to number n, which the peer says it has
 // received. An ack for a message not sent is a protocol error; one below
@@ -270,6 +328,7 @@ func (s *session) resume(l *link, peerReceived uint64) {
 // attachLocked makes l the session's connection and queues the log on it.
 func (s *session) attachLocked(l *link) {
 	s.link, s.plain = l, false
+	s.wakeLocked()
 	s.each(func(seq uint64, p []byte) {
 		if l.push(p) {
 			s.wrote = seq
@@ -329,6 +388,7 @@ func (s *session) detach(l *link) {
 	defer s.mu.Unlock()
 	if s.link == l {
 		s.link, s.plain = nil, false
+		s.wakeLocked()
 	}
 }
 
@@ -562,7 +622,8 @@ func (s *Server) unclaim(c *Conn) {
 // adoptLocked moves connection c, just opened, into the session's Conn
 // sc, which it serves from now on.
 func (s *Server) adoptLocked(sc, c *Conn) {
-	sc.l, sc.remote, sc.local, sc.log = c.l, c.remote, c.local, c.log
+	sc.l, sc.remote, sc.local = c.l, c.remote, c.local
+	sc.log = c.log.WithField("conn", sc.id)
 	sc.underTLS, sc.trusted, sc.sealed = c.underTLS, c.trusted, c.sealed
 	sc.opened, c.opened = true, false
 	sc.claimed = false

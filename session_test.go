@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"flag"
+	"net"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -93,7 +96,7 @@ func newSessionRig(t *testing.T, serverOpts []ServerOption, clientOpts ...Client
 		toServer: newSequence(),
 		toClient: newSequence(),
 		opened:   make(chan *Conn, 16),
-		resumed:  make(chan *Conn, 1000),
+		resumed:  make(chan *Conn, 10000),
 		closed:   make(chan error, 16),
 	}
 	var addr string
@@ -115,14 +118,25 @@ func newSessionRig(t *testing.T, serverOpts []ServerOption, clientOpts ...Client
 	return r
 }
 
+var sessionCuts = flag.Int("session-cuts", 10, "how many times TestSessionStreamsSurviveFaults breaks the link")
+
 // TestSessionStreamsSurviveFaults streams numbered messages both ways at
 // full speed while the link is broken again and again by every kind of
-// fault, and checks that each side saw every message once, in order.
+// fault, and checks that each side saw every message once, in order, and
+// that neither goroutines nor the heap grew with the faults.
 func TestSessionStreamsSurviveFaults(t *testing.T) {
-	r := newSessionRig(t, nil)
-	ctx := testContext(t)
-	require.NoError(t, r.client.WaitConnected(ctx))
+	connects := make(chan struct{}, 1)
+	r := newSessionRig(t, nil, WithOnConnect(func(net.Addr) {
+		select {
+		case connects <- struct{}{}:
+		default:
+		}
+	}))
+	ctx := context.Background() // each wait below has its own bound
+	require.NoError(t, r.client.WaitConnected(testContext(t)))
 	conn := recv(t, r.opened)
+	recv(t, connects)
+	baseline := runtime.NumGoroutine()
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -152,25 +166,45 @@ func TestSessionStreamsSurviveFaults(t *testing.T) {
 		func(l *vgotest.Link) { l.ResetAfter(vgotest.ServerToClient, 777) },
 		(*vgotest.Link).Freeze,
 	}
-	const cuts = 10
+	cuts := *sessionCuts
+	var heap, peak uint64
 	for i := range cuts {
-		require.NoError(t, r.proxy.WaitLinks(ctx, 1))
+		require.NoError(t, r.proxy.WaitLinks(testContext(t), 1))
 		l := r.proxy.Links()[0]
 		faults[i%len(faults)](l)
-		require.Same(t, conn, recv(t, r.resumed))
+		recv(t, connects)
 		l.Cut() // a frozen or half-open link lingers until cut
+		if i%10 == 0 {
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			heap, peak = ms.HeapInuse, max(peak, ms.HeapInuse)
+		}
 	}
 	close(stop)
 	wg.Wait()
-	r.toServer.wait(t, ctx, sentUp, "client to server")
-	r.toClient.wait(t, ctx, sentDown, "server to client")
+	r.toServer.wait(t, testContext(t), sentUp, "client to server")
+	r.toClient.wait(t, testContext(t), sentDown, "server to client")
 	r.toServer.check(t, "client to server")
 	r.toClient.check(t, "server to client")
 	require.Empty(t, r.closed, "the session ended")
 	st := r.client.Stats()
 	require.Zero(t, st.SessionsLost)
 	require.Equal(t, uint64(cuts), st.Resumes)
-	t.Logf("%d messages up, %d down, %d resumes", sentUp, sentDown, st.Resumes)
+	// The server may also have resumed the session on connections that
+	// failed before the client read its hello.
+	require.GreaterOrEqual(t, len(r.resumed), cuts)
+	for len(r.resumed) > 0 {
+		require.Same(t, conn, <-r.resumed, "the session's Conn is the one that opened")
+	}
+	if n := settleGoroutines(baseline); n > baseline {
+		buf := make([]byte, 1<<20)
+		t.Fatalf("%d goroutines, %d before the faults:\n%s", n, baseline, buf[:runtime.Stack(buf, true)])
+	}
+	// Both logs, the proxy's buffers and the sockets' hold a few MiB;
+	// the race detector multiplies it.
+	require.Less(t, peak, uint64(128<<20), "heap in use")
+	t.Logf("%d messages up, %d down, %d resumes; heap in use %d MiB at the last sample, %d MiB at most",
+		sentUp, sentDown, st.Resumes, heap>>20, peak>>20)
 }
 
 // rawSession opens a raw connection that asks for a session, resuming id
@@ -509,4 +543,37 @@ func FuzzSessionLog(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestSessionHandlerAnswersOnItsOwnSession has a handler echo with Send,
+// without a deadline, to a client that stops reading for a while. The
+// handler's reader cannot read acknowledgements while the handler waits,
+// so Send must not wait for them: the echo server keeps going, and every
+// echo arrives once, in order.
+func TestSessionHandlerAnswersOnItsOwnSession(t *testing.T) {
+	var handled atomic.Int64
+	_, addr := startServer(t, WithSessions(Sessions{BufferBytes: 4 << 10}),
+		WithHandler(func(c *Conn, p []byte) {
+			handled.Add(1)
+			if err := c.Send(context.Background(), p); err != nil {
+				t.Errorf("echo: %v", err)
+			}
+		}))
+	gate := make(chan struct{})
+	echoes := newSequence()
+	c := newTestClient(t, addr, WithResume(0), WithOnMessage(func(p []byte) {
+		<-gate
+		echoes.add(p)
+	}))
+	ctx := testContext(t)
+	require.NoError(t, c.WaitConnected(ctx))
+	const n = 3000
+	for i := uint64(1); i <= n; i++ {
+		require.NoError(t, c.Send(ctx, numbered(i, 8)))
+	}
+	// Far past the server's log bound of about 340 such messages.
+	require.Eventually(t, func() bool { return handled.Load() >= 1000 }, waitFor, time.Millisecond)
+	close(gate)
+	echoes.wait(t, ctx, n, "echoes")
+	echoes.check(t, "echoes")
 }
