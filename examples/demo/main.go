@@ -1,9 +1,12 @@
 // Command demo runs a vgo server and a vgo client in one process and walks
-// through their life in about ten seconds: the client connects and
+// through their life in about twelve seconds: the client connects and
 // heartbeats flow; the server dies and the client retries with growing
 // delays; the server comes back on the same address and the client
 // reconnects; a peer that says hello and then goes silent is dropped by the
-// server as stale.
+// server as stale. Last, a server with sessions and a client that resumes
+// them exchange a stream of numbered messages through a proxy that cuts
+// their connection again and again, and every message arrives once and in
+// order.
 //
 // It exits with status 0 when every step happened, and with status 1, naming
 // the step, as soon as one did not happen within its time limit.
@@ -23,6 +26,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/vgonet/vgo"
+	"github.com/vgonet/vgo/vgotest"
 )
 
 const (
@@ -37,6 +41,16 @@ const (
 	// failedDials is how many dials must fail before the server comes back,
 	// enough for the delays to be seen growing up to backoffMax.
 	failedDials = 6
+
+	// The session step sends streamMessages numbered messages at
+	// streamRate a second, for long enough that each of the streamCuts
+	// cuts falls in the middle of the stream, and cuts the connection each
+	// time another share of the echoes has come back.
+	streamMessages = 4000
+	streamRate     = 2000
+	streamCuts     = 3
+	// streamLatency is the proxy's delay in each direction.
+	streamLatency = 20 * time.Millisecond
 
 	// Each step gets far longer than it needs, so that a slow or loaded
 	// machine does not fail the demo; the overall limit ends it even if a
@@ -80,6 +94,7 @@ func run(log *logrus.Logger) error {
 		{"the client reconnects", d.reconnect},
 		{"a silent peer: hello, then nothing; the server drops it as stale", d.silentPeer},
 		{"the client and the server close", d.shutdown},
+		{"sessions: a stream of numbered messages through a proxy that cuts the connection 3 times", d.sessions},
 	}
 	for i, s := range steps {
 		log.Info(fmt.Sprintf("=== step %d/%d: %s", i+1, len(steps), s.title))
@@ -434,6 +449,237 @@ func (d *demo) shutdown(ctx context.Context) error {
 		return err
 	}
 	return d.stopServer(ctx, true)
+}
+
+// sessions runs a server with sessions and a client that resumes them,
+// connected through a proxy. The client sends streamMessages numbered
+// messages, the server echoes each one, and the proxy cuts the connection
+// with a RST streamCuts times while they flow. Every echo must come back
+// once and in order.
+func (d *demo) sessions(ctx context.Context) error {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	resumes := make(chan struct{}, streamCuts)
+	closes := make(chan error, 1)
+	srv, err := vgo.NewServer(
+		vgo.WithLogger(d.side("server")),
+		vgo.WithHeartbeatTimeout(heartbeatTimeout),
+		vgo.WithSessions(vgo.Sessions{}),
+		vgo.WithHandler(func(c *vgo.Conn, msg []byte) {
+			// With sessions Send fails only once the session has
+			// ended; the stream then stops short and the step fails.
+			_ = c.Send(context.Background(), msg)
+		}),
+		vgo.WithOnConnResume(func(*vgo.Conn) { notify(resumes, struct{}{}) }),
+		vgo.WithOnConnClose(func(_ *vgo.Conn, err error) { notify(closes, err) }),
+	)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	defer srv.Close()
+
+	proxy, err := vgotest.NewProxy(l.Addr().String())
+	if err != nil {
+		return err
+	}
+	defer proxy.Close()
+	// The latency keeps messages and echoes in flight, so that each cut
+	// drops some of them, which the session then sends again.
+	proxy.SetLatency(vgotest.ClientToServer, streamLatency)
+	proxy.SetLatency(vgotest.ServerToClient, streamLatency)
+	d.side("proxy").WithFields(logrus.Fields{
+		"listen": proxy.Addr(), "server": l.Addr().String(), "latency": streamLatency,
+	}).Info("the proxy forwards the client's connections to the server")
+
+	st := newStream(streamMessages, streamMessages/(streamCuts+1))
+	c, err := vgo.NewClient(proxy.Addr(),
+		vgo.WithLogger(d.side("client")),
+		vgo.WithPingInterval(pingInterval),
+		vgo.WithPongTimeout(pongTimeout),
+		vgo.WithBackoff(vgo.Backoff{BaseDelay: backoffBase, Jitter: 0.2, MaxDelay: backoffMax}),
+		vgo.WithResume(0),
+		vgo.WithOnMessage(st.echo),
+	)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.Start()
+	if err := c.WaitConnected(ctx); err != nil {
+		return fmt.Errorf("the client did not connect: %w", err)
+	}
+
+	sctx, stopSending := context.WithCancel(ctx)
+	defer stopSending()
+	sending := make(chan error, 1)
+	go func() { sending <- st.send(sctx, c) }()
+
+	for cut := 1; cut <= streamCuts; cut++ {
+		echoed, err := await(ctx, st.marks, fmt.Sprintf("echo %d", cut*st.every))
+		if err != nil {
+			return err
+		}
+		d.side("proxy").WithFields(logrus.Fields{"cut": cut, "echoed": echoed, "sent": st.sentCount()}).
+			Info("cutting the connection with a RST")
+		proxy.Cut()
+		if _, err := await(ctx, resumes, "the resume after cut "+fmt.Sprint(cut)); err != nil {
+			return err
+		}
+	}
+	err, werr := await(ctx, sending, "the end of the stream")
+	if werr != nil {
+		return werr
+	}
+	if err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	if _, err := await(ctx, st.done, "the last echo"); err != nil {
+		return fmt.Errorf("%w (%s)", err, st.summary())
+	}
+
+	// Once the client is closed no echo can arrive: the counts are final.
+	c.Close()
+	// A heartbeat lost on a loaded machine may add a resume of its own.
+	resumed := c.Stats().Resumes
+	if resumed < streamCuts {
+		return fmt.Errorf("the client resumed its session %d times, want at least %d", resumed, streamCuts)
+	}
+	d.side("client").WithField("resumes", resumed).Info(st.summary())
+	if !st.ok() {
+		return fmt.Errorf("messages were lost, duplicated or reordered: %s", st.summary())
+	}
+	d.side("client").Info("every message arrived once and in order")
+
+	// As in the step before, the server is shut down once it has read the
+	// client's close frame, which ends the session.
+	if _, err := await(ctx, closes, "the server's close callback for the session"); err != nil {
+		return err
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	err, werr = await(ctx, served, "the end of Serve")
+	if werr != nil {
+		return werr
+	}
+	if !errors.Is(err, vgo.ErrServerClosed) {
+		return fmt.Errorf("serve returned %v, want vgo.ErrServerClosed", err)
+	}
+	return nil
+}
+
+// stream is the session step's numbered messages and the count of their
+// echoes. Message i, from 1 to n, is i as a big-endian uint64. The echoes
+// are counted on the client's reader, hence the lock.
+type stream struct {
+	n     int
+	every int           // a cut is due after every this many echoes
+	marks chan int      // receives the count of echoes at each cut due
+	done  chan struct{} // closed once every number has been echoed
+	mu    sync.Mutex
+	sent  int
+	seen  []bool // seen[i] says message i has been echoed
+	// echoed counts the distinct numbers echoed, duplicates the echoes of
+	// a number already echoed, reordered those of a new number below the
+	// highest echoed before it, and foreign the echoes that carry no
+	// number from 1 to n.
+	echoed, duplicates, reordered, foreign int
+	highest                                uint64
+}
+
+func newStream(n, every int) *stream {
+	return &stream{
+		n:     n,
+		every: every,
+		marks: make(chan int, n/every),
+		done:  make(chan struct{}),
+		seen:  make([]bool, n+1),
+	}
+}
+
+// send sends the messages at streamRate a second: message i is due i-1
+// rate periods after the first, so a Send that waited is caught up on.
+func (st *stream) send(ctx context.Context, c *vgo.Client) error {
+	start := time.Now()
+	msg := make([]byte, 8)
+	for i := 1; i <= st.n; i++ {
+		if wait := time.Until(start.Add(time.Duration(i-1) * time.Second / streamRate)); wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		binary.BigEndian.PutUint64(msg, uint64(i))
+		// With sessions Send keeps the message while the client is
+		// disconnected, so it fails only when the step is over.
+		if err := c.Send(ctx, msg); err != nil {
+			return err
+		}
+		st.mu.Lock()
+		st.sent++
+		st.mu.Unlock()
+	}
+	return nil
+}
+
+func (st *stream) sentCount() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.sent
+}
+
+// echo counts one echo.
+func (st *stream) echo(msg []byte) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var i uint64
+	if len(msg) == 8 {
+		i = binary.BigEndian.Uint64(msg)
+	}
+	switch {
+	case i < 1 || i > uint64(st.n):
+		st.foreign++
+		return
+	case st.seen[i]:
+		st.duplicates++
+		return
+	}
+	st.seen[i] = true
+	st.echoed++
+	if i < st.highest {
+		st.reordered++
+	}
+	st.highest = max(st.highest, i)
+	switch {
+	case st.echoed == st.n:
+		close(st.done)
+	case st.echoed%st.every == 0:
+		notify(st.marks, st.echoed)
+	}
+}
+
+// ok reports whether every message was echoed once and in order.
+func (st *stream) ok() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.echoed == st.n && st.duplicates == 0 && st.reordered == 0 && st.foreign == 0
+}
+
+func (st *stream) summary() string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	s := fmt.Sprintf("sent %d echoed %d duplicates %d reordered %d lost %d",
+		st.sent, st.echoed, st.duplicates, st.reordered, st.n-st.echoed)
+	if st.foreign > 0 {
+		s += fmt.Sprintf(" foreign %d", st.foreign)
+	}
+	return s
 }
 
 // notify delivers v if there is room, and drops it otherwise, so that a

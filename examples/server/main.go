@@ -7,9 +7,17 @@
 // balancer's networks in -proxy-protocol: the server then logs the
 // clients' own addresses, and refuses PROXY headers from anywhere else.
 //
+// With -resume the server keeps a session for each client that asks for
+// one (the example client's -resume), for two minutes after its connection
+// drops: a client that comes back within them resumes the session, and
+// each side receives every message of the other exactly once and in order,
+// echoes included. The server logs a resumed session as "client resumed its
+// session"; "client connected" and "client disconnected" then mark the start
+// and the end of a session rather than of each connection.
+//
 // Usage:
 //
-//	go run ./examples/server -addr :9966 -timeout 15s [-proxy-protocol 10.0.0.0/8,192.168.1.5/32] [-v]
+//	go run ./examples/server -addr :9966 -timeout 15s [-resume] [-proxy-protocol 10.0.0.0/8,192.168.1.5/32] [-v]
 package main
 
 import (
@@ -41,6 +49,8 @@ func main() {
 		"close a client after this long without hearing from it; keep it above the clients' ping interval")
 	statsAddr := flag.String("stats", "", "address to publish the server's stats on through expvar at /debug/vars; empty for none")
 	verbose := flag.Bool("v", false, "log each ping as well (at debug level)")
+	resume := flag.Bool("resume", false,
+		"keep each client's session for 2m after its connection drops, so that a client run with -resume loses no message when it reconnects")
 	var trusted []netip.Prefix
 	flag.Func("proxy-protocol",
 		"comma-separated `CIDRS` of trusted load balancers whose PROXY protocol headers (v1 or v2) give the clients' addresses; a bare IP means that host",
@@ -60,6 +70,17 @@ func main() {
 	if trusted != nil {
 		opts = append(opts, vgo.WithProxyProtocol(trusted...))
 		log.WithField("trusted", fmt.Sprint(trusted)).Info("PROXY protocol on")
+	}
+	if *resume {
+		opts = append(opts,
+			vgo.WithSessions(vgo.Sessions{}),
+			// vgo logs a resume at info level, which the warn-level logger
+			// below hides like the connects and disconnects.
+			vgo.WithOnConnResume(func(c *vgo.Conn) {
+				connLog(log, c).Info("client resumed its session")
+			}),
+		)
+		log.WithField("window", vgo.DefaultResumeWindow).Info("sessions on")
 	}
 	if err := run(*addr, *statsAddr, opts, log); err != nil {
 		log.WithField("err", err).Error("server failed")
