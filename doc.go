@@ -48,7 +48,25 @@
 // address, the real one behind a load balancer that sends the PROXY
 // protocol (WithProxyProtocol), its TLS state, the identity the
 // authenticator gave it (WithAuthenticator), a slot for the application's
-// own value, and a context that ends with the connection.
+// own value, and a context that ends with the connection, or with the
+// session when it has one.
+//
+// # Sessions
+//
+// Without a session, the messages a connection carries when it dies are
+// lost with it. A server with WithSessions and a client with WithResume
+// share a session that outlives their connections: each side keeps the
+// messages it sent until the other acknowledges them, and after a
+// reconnect sends again exactly those the other lacks, so each application
+// receives every message of the other once and in order. A connection that
+// fails without a close frame suspends the session on the server for the
+// resume window (Sessions); the client resumes it when it reconnects, and
+// the session keeps its Conn, ID and context. A close frame, Server.Shutdown
+// or Close, the window passing and the bounds on suspended sessions end it.
+// Sessions live in the server's memory, so a restart loses them. A client
+// that cannot resume starts a new session and hands the messages the
+// server may not have to WithOnSessionLost: the application then
+// resynchronises with its source of truth.
 //
 // # Concurrency
 //
@@ -56,9 +74,9 @@
 // connection has exactly one reader goroutine and one write path: Send,
 // the pinger, the reader's pongs and every teardown queue frames, and a
 // single writer goroutine, running only while there is something to write,
-// writes them in order, each write bounded by the write timeout. Pings and
-// pongs go ahead of queued data and between the fragments of a long
-// message, so nothing that keeps time ever waits on the socket. Callbacks run on the library's
+// writes them in order, each write bounded by the write timeout. Pings,
+// pongs and acks go ahead of queued data and between the fragments of a
+// long message, so nothing that keeps time ever waits on the socket. Callbacks run on the library's
 // goroutines but never under its locks, and those of one client arrive in
 // order: connect, then messages and pongs, then disconnect, then reconnect
 // attempts. A message callback runs on the reader, so a slow callback slows
