@@ -378,6 +378,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	select {
 	case <-l.done:
 	case <-c.ctx.Done():
+		ackAll(l)
 		l.closeWith(CloseNormal, "client closing", ErrClosed)
 	}
 	wg.Wait()

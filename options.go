@@ -439,8 +439,11 @@ type Sessions struct {
 	Window time.Duration
 	// BufferBytes bounds a session's log of unacknowledged messages to
 	// its client: Conn.Send waits for room, and TrySend fails with
-	// ErrQueueFull, while it is full. The default is DefaultSessionBuffer
-	// (1 MiB).
+	// ErrQueueFull, while it is full. While the session's handler runs,
+	// whose reader then reads no acknowledgements, Send waits for the
+	// connection's writer instead, and a client that lets the log reach
+	// four times its bound is dropped as a slow consumer; the session
+	// resumes. The default is DefaultSessionBuffer (1 MiB).
 	BufferBytes int
 	// MaxSuspended is how many sessions may be suspended at once: beyond
 	// it the one suspended longest ends. The default is

@@ -811,6 +811,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		case c.sess.Load() != nil:
 			// A client with a session is told that it ends, so that it
 			// starts a new one rather than ask the next server for it.
+			ackAll(c.l)
 			c.l.queueFrame(frameGoodbye, append(binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow)), goodbyeEndsSession))
 		case goodbye != nil:
 			// Ahead of the close frame, so the client has it when it
@@ -1154,6 +1155,7 @@ func (s *Server) closeSessionConn(c *Conn) error {
 	if c.attached != nil {
 		l := c.l
 		s.mu.Unlock()
+		ackAll(l)
 		l.closeWith(CloseNormal, "closed by server", ErrClosed)
 		return nil
 	}

@@ -433,6 +433,18 @@ func (s *session) ack() []byte {
 	return s.ackBuffer[:]
 }
 
+// ackAll queues an ack for every message l's session has received, as l
+// closes, so that the peer does not count as unacknowledged what arrived.
+// The reader may still be running: the count is read, and the reader's
+// own ack state left alone; the peer ignores an ack below an earlier one.
+func ackAll(l *link) {
+	if s := l.sess; s != nil {
+		if n := s.received.Load(); n > 0 {
+			_ = l.beat(frameAck, binary.BigEndian.AppendUint64(nil, n))
+		}
+	}
+}
+
 // parseAck decodes an ack frame's payload.
 func parseAck(p []byte) (uint64, error) {
 	if len(p) != 8 {

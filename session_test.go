@@ -136,6 +136,8 @@ func TestSessionStreamsSurviveFaults(t *testing.T) {
 	require.NoError(t, r.client.WaitConnected(testContext(t)))
 	conn := recv(t, r.opened)
 	recv(t, connects)
+	// A pong has come back: the client's reader and pinger run.
+	require.Eventually(t, func() bool { return r.client.RTT() > 0 }, waitFor, time.Millisecond)
 	baseline := runtime.NumGoroutine()
 
 	stop := make(chan struct{})
