@@ -653,3 +653,51 @@ func TestSynctestConnContextEndsWhenClosingBegins(t *testing.T) {
 		assert.Equal(t, closeFrameTimeout, time.Since(start), "Close still gave its frame the time it has")
 	})
 }
+
+func TestSynctestSuspendedSessionsExpireOnTime(t *testing.T) {
+	// Sessions suspended at different times each end exactly one window
+	// after their connection was lost, and one that resumes just before
+	// its window passes is kept.
+	const window = time.Minute
+	synctest.Test(t, func(t *testing.T) {
+		closeOpt, closed := reportConnCloses()
+		srv, l := servePipe(t, WithSessions(Sessions{Window: window}), WithHeartbeatTimeout(-1), closeOpt)
+		open := func(id sessionID) (net.Conn, hello) {
+			nc := dialPipeRaw(t, l)
+			_, err := nc.Write(appendFrame(nil, frameHello, hello{version: ProtocolVersion, resume: true, sessionID: id}.marshal()))
+			require.NoError(t, err)
+			typ, p, err := readWireFrame(nc)
+			require.NoError(t, err)
+			require.Equal(t, wireHello, typ)
+			h, err := parseHello(p, true)
+			require.NoError(t, err)
+			return nc, h
+		}
+		start := time.Now()
+		first, _ := open(sessionID{})
+		second, kept := open(sessionID{})
+		third, _ := open(sessionID{})
+		first.Close()
+		synctest.Wait()
+		time.Sleep(10 * time.Second)
+		second.Close()
+		third.Close()
+		synctest.Wait()
+		require.Equal(t, 3, srv.Stats().Suspended)
+
+		time.Sleep(window - time.Second) // 1 s before the second's window ends
+		_, h := open(kept.sessionID)
+		require.Equal(t, kept.sessionID, h.sessionID, "resumed within its window")
+
+		got := awaitFake(t, closed)
+		require.ErrorIs(t, got.v, ErrSessionExpired)
+		require.Equal(t, window, got.at.Sub(start), "the first ends one window after it was lost")
+		got = awaitFake(t, closed)
+		require.ErrorIs(t, got.v, ErrSessionExpired)
+		require.Equal(t, window+10*time.Second, got.at.Sub(start), "the third ends one window after it was lost")
+		synctest.Wait()
+		require.Zero(t, srv.Stats().Suspended)
+		require.EqualValues(t, 2, srv.Stats().Expired)
+		require.Empty(t, closed, "the resumed session lives on")
+	})
+}
