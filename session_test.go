@@ -313,7 +313,7 @@ func TestSessionExpires(t *testing.T) {
 	var lost [][]byte
 	lostCh := make(chan struct{}, 1)
 	down := make(chan error, 16)
-	r := newSessionRig(t, []ServerOption{WithSessions(Sessions{Window: 300 * time.Millisecond})},
+	r := newSessionRig(t, []ServerOption{WithSessions(Sessions{Window: time.Second})},
 		WithOnSessionLost(func(unacked [][]byte) { lost = unacked; lostCh <- struct{}{} }),
 		// The client notices nothing until the link is cut below.
 		WithPongTimeout(time.Minute),
@@ -331,7 +331,11 @@ func TestSessionExpires(t *testing.T) {
 		require.NoError(t, r.client.Send(ctx, numbered(i, 8)))
 	}
 	require.NoError(t, conn.Send(ctx, []byte("while away")))
+	connCtx := conn.Context()
+	require.Eventually(t, func() bool { return r.srv.Stats().Suspended == 1 }, waitFor, time.Millisecond)
+	require.NoError(t, connCtx.Err(), "the Conn's context lives as long as its session")
 	require.ErrorIs(t, recv(t, r.closed), ErrSessionExpired)
+	require.ErrorIs(t, context.Cause(connCtx), ErrSessionExpired)
 	require.ErrorIs(t, conn.Send(ctx, []byte("after")), ErrClosed)
 	require.EqualValues(t, 1, r.srv.Stats().Expired)
 	require.Zero(t, r.srv.Stats().Suspended)
