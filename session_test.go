@@ -118,7 +118,7 @@ func newSessionRig(t *testing.T, serverOpts []ServerOption, clientOpts ...Client
 	return r
 }
 
-var sessionCuts = flag.Int("session-cuts", 10, "how many times TestSessionStreamsSurviveFaults breaks the link")
+var sessionCuts = flag.Int("session-cuts", 5, "how many times TestSessionStreamsSurviveFaults breaks the link, each fault kind in turn")
 
 // TestSessionStreamsSurviveFaults streams numbered messages both ways at
 // full speed while the link is broken again and again by every kind of
@@ -310,6 +310,7 @@ func TestSessionAckWithoutSessionIsAProtocolError(t *testing.T) {
 }
 
 func TestSessionExpires(t *testing.T) {
+	t.Parallel() // it waits on timers: a heartbeat timeout, then the window
 	var lost [][]byte
 	lostCh := make(chan struct{}, 1)
 	down := make(chan error, 16)

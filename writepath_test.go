@@ -45,23 +45,29 @@ func repeat(stop <-chan struct{}, d time.Duration, fn func() bool) {
 }
 
 func TestSlowLinkDeliversLongMessage(t *testing.T) {
-	// 1 MiB over a 100 KB/s link takes about 10 s, longer than the default
-	// ping interval plus pong timeout (8 s): the client's pings must pass
-	// the message and the server must count its fragments as signs of life.
+	// 4 MB over a 1 MB/s link takes about 4 s, longer than the ping
+	// interval plus pong timeout (2.5 s) and than the server's heartbeat
+	// timeout (1.5 s): the client's pings must pass the message and the
+	// server must count its fragments as signs of life. The pong timeout
+	// leaves room for a ping's wait behind the bytes the sockets and the
+	// proxy hold, about a second at that rate.
 	t.Parallel()
 	got := make(chan []byte, 1)
-	_, addr := startServer(t, WithHandler(func(_ *Conn, msg []byte) { got <- bytes.Clone(msg) }))
+	const size = 4_000_000
+	_, addr := startServer(t, WithHeartbeatTimeout(1500*time.Millisecond), WithMaxFrameSize(size),
+		WithHandler(func(_ *Conn, msg []byte) { got <- bytes.Clone(msg) }))
 	proxy := newProxy(t, addr)
-	proxy.SetBandwidth(vgotest.ClientToServer, 100_000)
+	proxy.SetBandwidth(vgotest.ClientToServer, 1_000_000)
 	disconnects := make(chan error, 10)
 	c, err := NewClient(proxy.Addr(), WithLogger(quietLogger()),
+		WithPingInterval(500*time.Millisecond), WithPongTimeout(2*time.Second), WithMaxFrameSize(size),
 		WithOnDisconnect(func(err error) { disconnects <- err }))
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	c.Start()
 	require.NoError(t, c.WaitConnected(testContext(t)))
 
-	msg := make([]byte, DefaultMaxFrameSize)
+	msg := make([]byte, size)
 	_, _ = rand.Read(msg)
 	start := time.Now()
 	require.NoError(t, c.Send(testContext(t), msg))
@@ -74,7 +80,7 @@ func TestSlowLinkDeliversLongMessage(t *testing.T) {
 		t.Fatal("the message did not arrive")
 	}
 	st := c.Stats()
-	t.Logf("1 MiB in %v; RTT during the transfer: max %v, last %v", time.Since(start), st.RTTMax, st.RTTLast)
+	t.Logf("4 MB in %v; RTT during the transfer: max %v, last %v", time.Since(start), st.RTTMax, st.RTTLast)
 	assert.Equal(t, StateConnected, c.State())
 	assert.Zero(t, st.Reconnects)
 }
