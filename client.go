@@ -93,7 +93,7 @@ func NewClient(addr string, opts ...ClientOption) (*Client, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var sess *session
 	if o.resumeOn {
-		sess = newSession(sessionID{}, o.resume)
+		sess = newSession(sessionID{}, o.resume, o.maxFrameSize)
 	}
 	return &Client{
 		sess:    sess,
@@ -362,7 +362,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 			Infof("reconnected after %d %s in %.1f s", out.dials, attempts, down.Seconds())
 	}
 	if fn := c.opts.onConnect; fn != nil {
-		fn(remote)
+		deliverTo(c.sess, func() { fn(remote) })
 	}
 
 	var wg sync.WaitGroup
@@ -397,7 +397,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	c.mu.Unlock()
 	log.WithField("err", err).Info("disconnected")
 	if fn := c.opts.onDisconnect; fn != nil {
-		fn(err)
+		deliverTo(c.sess, func() { fn(err) })
 	}
 	return err
 }
@@ -512,7 +512,7 @@ func (c *Client) join(l *link, h hello, asked sessionID) error {
 	}
 	log.Warn("session lost; starting a new one")
 	if fn := c.opts.onSessionLost; fn != nil {
-		fn(lost)
+		deliverTo(s, func() { fn(lost) })
 	}
 	return nil
 }

@@ -76,8 +76,11 @@ type link struct {
 	fragments  bool
 	stream     *buffer // stream frames waiting, in order; nil while idle
 	inflight   int     // stream bytes the writer has taken but not yet written
-	beats      []byte  // pings and pongs waiting
+	beats      []byte  // pings, pongs and acks waiting
 	beatsSpare []byte  // the last written beats, reused
+	// ackAt is where in beats the ack waiting to be written starts, -1
+	// for none: a newer ack overwrites it rather than queue behind it.
+	ackAt int
 	writing    bool    // the writer goroutine is running
 	closed     bool    // set by shutdown or a failed write: nothing more is queued
 	closing    error   // the cause closeWith will shut down with
@@ -92,8 +95,12 @@ type link struct {
 	// goodbye is the reconnect window a departing server asked for.
 	goodbye atomic.Int64
 	// sess is the session the link carries, nil for none. It is set
-	// before the reader starts, and only the reader uses it.
+	// before the reader starts.
 	sess *session
+	// ackTimer sends the ack a reader put off (ackSoon); ackArmed says it
+	// is set.
+	ackTimer atomic.Pointer[time.Timer]
+	ackArmed atomic.Bool
 
 	once sync.Once
 	done chan struct{}
@@ -121,6 +128,7 @@ func newLink(nc, raw net.Conn, o *commonOptions, closedErr error) *link {
 		writeTimeout: o.writeTimeout,
 		closedErr:    closedErr,
 		done:         make(chan struct{}),
+		ackAt:        -1,
 	}
 	l.cond.L = &l.mu
 	// Until the hello exchange completes only a hello, or a close, is
@@ -183,6 +191,9 @@ func (l *link) shutdown(err error) error {
 		// The raw connection: closing a TLS connection would first try
 		// to send close_notify into a socket that may be full.
 		l.raw.Close()
+		if t := l.ackTimer.Load(); t != nil {
+			t.Stop()
+		}
 		close(l.done)
 		if l.watcher != nil {
 			l.watcher.closing(err)
@@ -329,6 +340,11 @@ func (l *link) queueFrameLocked(t frameType, payload []byte) {
 // read the pongs, and the link is torn down as a slow consumer.
 func (l *link) beat(t frameType, payload []byte) error {
 	l.mu.Lock()
+	return l.beatLocked(t, payload)
+}
+
+// beatLocked is beat with l.mu held, which it releases.
+func (l *link) beatLocked(t frameType, payload []byte) error {
 	if l.closed {
 		l.mu.Unlock()
 		return l.closedErr
@@ -342,6 +358,57 @@ func (l *link) beat(t frameType, payload []byte) error {
 	l.startLocked()
 	l.mu.Unlock()
 	return nil
+}
+
+// ack queues an ack frame for n messages ahead of the stream, or raises
+// the count of the one already waiting. Like beat, it never waits.
+func (l *link) ack(n uint64) error {
+	var p [8]byte
+	binary.BigEndian.PutUint64(p[:], n)
+	l.mu.Lock()
+	if !l.closed && l.ackAt >= 0 {
+		// Acks race from the reader and the timer: keep the higher.
+		if q := l.beats[l.ackAt+headerSize:]; binary.BigEndian.Uint64(q) < n {
+			copy(q, p[:])
+		}
+		l.mu.Unlock()
+		return nil
+	}
+	l.ackAt = len(l.beats)
+	return l.beatLocked(frameAck, p[:])
+}
+
+// ackSoon has an ack of everything s received sent after ackDelay, unless
+// one is already due then. It is called by the reader.
+func (l *link) ackSoon(s *session) {
+	if !l.ackArmed.CompareAndSwap(false, true) {
+		return
+	}
+	if t := l.ackTimer.Load(); t != nil {
+		t.Reset(ackDelay)
+		return
+	}
+	l.ackTimer.Store(time.AfterFunc(ackDelay, func() {
+		l.ackArmed.Store(false)
+		if s.owesAck() {
+			_ = l.ack(s.noteAck())
+		}
+	}))
+}
+
+// isDown reports whether the link is down or closing: nothing more can be
+// queued on it.
+func (l *link) isDown() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed || l.closing != nil
+}
+
+// maxMessage returns the longest message that may be sent on the link.
+func (l *link) maxMessage() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.maxSend
 }
 
 func (l *link) queuedLocked() int {
@@ -419,6 +486,7 @@ func (l *link) writeLoop() {
 		}
 		beats := l.beats
 		l.beats, l.beatsSpare = l.beatsSpare[:0], nil
+		l.ackAt = -1
 		l.mu.Unlock()
 
 		err = l.writeOut(beats, piece)

@@ -70,11 +70,13 @@ const (
 	maxHelloSize = 1024
 
 	// MaxCredentialsSize is the most credentials a hello has room for,
-	// next to the magic, the version, the ping interval, the maximum
-	// message size and a session to resume.
-	MaxCredentialsSize = maxHelloSize - len("VGO") - 1 - 3 - 2*(3+4) - (3 + sessionFieldSize)
-	maxPingSize        = 64
-	maxReasonSize      = 256
+	// next to the magic, the version, the ping interval and the maximum
+	// message size. A client with WithResume has 27 bytes less, the room
+	// of the session it resumes.
+	MaxCredentialsSize   = maxHelloSize - len("VGO") - 1 - 3 - 2*(3+4)
+	maxResumeCredentials = MaxCredentialsSize - (3 + sessionFieldSize)
+	maxPingSize          = 64
+	maxReasonSize        = 256
 )
 
 // helloMagic opens every hello payload, so a peer that speaks another

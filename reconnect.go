@@ -204,7 +204,7 @@ func (c *Client) run() {
 		}
 		c.stats.backoff.Store(int64(d))
 		if fn := c.opts.onReconnect; fn != nil {
-			fn(failed+1, d)
+			deliverTo(c.sess, func() { fn(failed+1, d) })
 		}
 		ok := c.sleep(d)
 		c.stats.backoff.Store(0)
@@ -264,8 +264,12 @@ func (c *Client) connect(addr string) (*link, *heartbeat, error) {
 		if creds, err = fn(ctx); err != nil {
 			return nil, nil, fmt.Errorf("vgo: credentials: %w", err)
 		}
-		if len(creds) > MaxCredentialsSize {
-			return nil, nil, fmt.Errorf("vgo: credentials of %d bytes exceed the hello's room of %d", len(creds), MaxCredentialsSize)
+		room := MaxCredentialsSize
+		if c.sess != nil {
+			room = maxResumeCredentials
+		}
+		if len(creds) > room {
+			return nil, nil, fmt.Errorf("vgo: credentials of %d bytes exceed the hello's room of %d", len(creds), room)
 		}
 	}
 	cfg, err := c.tlsConfig(addr)

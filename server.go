@@ -258,12 +258,12 @@ func (s *Server) serveConn(c *Conn) {
 		s.stats.resumes.Add(1)
 		c.log.WithField("session", c.sess.Load().id.String()).Info("client resumed its session")
 		if fn := s.opts.onConnResume; fn != nil {
-			fn(c)
+			deliverTo(c.sess.Load(), func() { fn(c) })
 		}
 	default:
 		c.log.Info("client connected")
 		if fn := s.opts.onConnOpen; fn != nil {
-			fn(c)
+			deliverTo(c.sess.Load(), func() { fn(c) })
 		}
 	}
 
@@ -415,7 +415,7 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 			sess = resumed.sess.Load()
 			mine.received = sess.received.Load()
 		} else {
-			sess = newSession(newSessionID(), s.opts.sessions.BufferBytes)
+			sess = newSession(newSessionID(), s.opts.sessions.BufferBytes, s.opts.maxFrameSize)
 		}
 		mine.session, mine.sessionID = true, sess.id
 	}
@@ -462,8 +462,10 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 	}
 	s.mu.Unlock()
 	if resumed != nil {
-		// The connection lives on as the session's: what the
-		// authenticator tied to it is released.
+		// The connection lives on as the session's Conn. The one the
+		// authenticator saw is closed, and what it tied to it is
+		// released.
+		c.sess.Store(closedSession)
 		c.finish(errResumed)
 	}
 	return resumed, nil
@@ -1153,6 +1155,7 @@ func (c *Conn) Close() error {
 func (s *Server) closeSessionConn(c *Conn) error {
 	s.mu.Lock()
 	if c.attached != nil {
+		c.closeRequested = true
 		l := c.l
 		s.mu.Unlock()
 		ackAll(l)

@@ -83,6 +83,13 @@ type session struct {
 	plain bool
 	room  chan struct{} // closed and replaced when the log shrinks or the session ends
 	ended error         // set once the session is over; sends return it
+	// peerMax is the longest message the peer accepts, as the last
+	// connection said: messages sent while there is none are checked
+	// against it.
+	peerMax int
+	// low is the least the log has held since the connection in use
+	// opened; see overrunBytes.
+	low int
 
 	// delivering is set while the application handles a message of this
 	// session, on the reader's goroutine, and waiting counts the senders
@@ -90,16 +97,20 @@ type session struct {
 	delivering atomic.Bool
 	waiting    atomic.Int32
 
-	// The receiving side, owned by the reader of the connection in use.
-	received  atomic.Uint64 // messages received and delivered
-	ackedIn   uint64        // the count the last ack sent carried
-	unacked   int           // bytes received since that ack
-	lastAck   time.Time
-	ackBuffer [8]byte
+	// The receiving side. received and acked are also read by the ack
+	// timer (ackSoon); unacked and lastAck belong to the reader of the
+	// connection in use.
+	received atomic.Uint64 // messages received and delivered
+	acked    atomic.Uint64 // the highest count an ack has carried
+	unacked  int           // bytes received since the reader's last ack
+	lastAck  time.Time
 }
 
-func newSession(id sessionID, maxBytes int) *session {
-	return &session{id: id, max: maxBytes, first: 1, next: 1}
+// newSession returns a session named id whose log holds maxBytes, for a
+// side that accepts messages of up to maxMessage bytes, the limit assumed
+// of the peer until a connection says otherwise.
+func newSession(id sessionID, maxBytes, maxMessage int) *session {
+	return &session{id: id, max: maxBytes, peerMax: maxMessage, first: 1, next: 1}
 }
 
 // current returns the session's id.
@@ -129,13 +140,16 @@ func (s *session) size() int {
 // be longer) it waits for acknowledgements as long as ctx allows, or, with
 // wait false, fails with ErrQueueFull.
 //
-// While the session's reader runs the application's handler, it reads no
-// acknowledgements, and the caller may be that handler: waiting for them
-// could wait for ever. Then send waits instead, as a connection without a
-// session does, for its writer to make room in the send queue, and the log
-// may grow past its bound by what the peer has been sent and has not yet
-// acknowledged. A peer that lets that reach overrun times the bound is
-// dropped as a slow consumer; the session survives it.
+// While the application's code runs on the session's reader (a handler,
+// or a callback on the goroutine that starts the reader), no
+// acknowledgement is read, and the caller may be that code: waiting for
+// them could wait for ever. Then send waits instead, as a connection
+// without a session does, for the writer to make room in the send queue,
+// and the log may grow past its bound by what the peer has been sent and
+// has not yet acknowledged. That growth is bounded too (overrunBytes):
+// past it, a peer that is connected is dropped as a slow consumer, and the
+// session survives it; without a connection, send fails with
+// ErrQueueFull.
 func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 	s.mu.Lock()
 	for {
@@ -151,19 +165,24 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 				return l.send(ctx, p)
 			}
 			return l.offer(p)
-		}
-		l := s.link
-		if l != nil {
-			if err := l.fits(p); err != nil {
-				s.mu.Unlock()
-				return err
-			}
+		case len(p) > s.peerMax:
+			s.mu.Unlock()
+			return checkPayload(p, s.peerMax)
 		}
 		n := s.buffered()
 		if n == 0 || n+recordHeader+len(p) <= s.max {
 			break
 		}
-		if l != nil && s.delivering.Load() {
+		if s.delivering.Load() {
+			l := s.link
+			if l == nil || l.isDown() {
+				// No socket holds anything: the bound is tighter.
+				if n+recordHeader+len(p) > overrun*s.max {
+					s.mu.Unlock()
+					return ErrQueueFull
+				}
+				break
+			}
 			if l.hasRoom() {
 				break
 			}
@@ -193,21 +212,27 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 	s.next++
 	if l := s.link; l != nil && l.push(p) {
 		s.wrote = s.next - 1
-		if n := s.buffered(); n > overrun*s.max {
-			l.shutdown(fmt.Errorf("%w: %d bytes sent and not acknowledged", ErrSlowConsumer, n))
+		if grown := s.buffered() - s.low; grown > s.overrunBytes() && s.next-s.first > 1 {
+			l.shutdown(fmt.Errorf("%w: %d bytes sent and not acknowledged", ErrSlowConsumer, grown))
 		}
 	}
 	s.mu.Unlock()
 	return nil
 }
 
-// overrun is how many times its bound a session's log may hold, while its
-// reader runs the application's handler, before the peer is dropped.
+// overrunBytes is how far past its lowest point since the connection
+// opened the log may grow while the application's code runs on the
+// reader: overrun times its bound, and at least what the sockets of a
+// slow reader may hold.
+func (s *session) overrunBytes() int { return max(overrun*s.max, 8<<20) }
+
+// overrun is how many times its bound a session's log may hold while the
+// application's code runs on its reader.
 const overrun = 4
 
 // waitAcks waits for the log to shrink, for the session to change (a
-// connection comes or goes, it ends), or for its reader to start running
-// the application's handler, when send waits differently. It is called
+// connection comes or goes, it ends), or for the application's code to
+// start running on its reader, when send waits differently. It is called
 // with s.mu held and returns with it held, except on error.
 func (s *session) waitAcks(ctx context.Context) error {
 	if s.room == nil {
@@ -231,9 +256,9 @@ func (s *session) waitAcks(ctx context.Context) error {
 	return nil
 }
 
-// beginDelivery marks the application's handler as running on the
-// session's reader, and wakes the senders waiting for acknowledgements,
-// which the reader no longer reads, to wait for the writer instead.
+// beginDelivery marks the application's code as running on the session's
+// reader, and wakes the senders waiting for acknowledgements, which the
+// reader no longer reads, to wait for the writer instead.
 func (s *session) beginDelivery() {
 	s.delivering.Store(true)
 	if s.waiting.Load() > 0 {
@@ -244,6 +269,19 @@ func (s *session) beginDelivery() {
 }
 
 func (s *session) endDelivery() { s.delivering.Store(false) }
+
+// deliverTo runs fn, the application's code, on the session's reader or
+// the goroutine that will start it, marked as such (see send). s may be
+// nil.
+func deliverTo(s *session, fn func()) {
+	if s == nil {
+		fn()
+		return
+	}
+	s.beginDelivery()
+	defer s.endDelivery()
+	fn()
+}
 
 // peerAcked drops the messages up to number n, which the peer says it has
 // received. An ack for a message not sent is a protocol error; one below
@@ -277,6 +315,7 @@ func (s *session) dropLocked(n uint64) {
 		s.log.b = s.log.b[:copy(s.log.b, s.log.b[s.head:])]
 		s.head = 0
 	}
+	s.low = min(s.low, s.buffered())
 	s.wakeLocked()
 }
 
@@ -328,13 +367,15 @@ func (s *session) resume(l *link, peerReceived uint64) {
 // attachLocked makes l the session's connection and queues the log on it.
 func (s *session) attachLocked(l *link) {
 	s.link, s.plain = l, false
+	s.peerMax = l.maxMessage()
+	s.low = s.buffered()
 	s.wakeLocked()
 	s.each(func(seq uint64, p []byte) {
 		if l.push(p) {
 			s.wrote = seq
 		}
 	})
-	s.ackedIn = s.received.Load()
+	s.acked.Store(s.received.Load()) // the hello said as much
 	s.unacked = 0
 	s.lastAck = time.Time{}
 }
@@ -352,12 +393,17 @@ func (s *session) restart(id sessionID, l *link, plain bool) (lost [][]byte) {
 		kept  *buffer
 		count uint64
 	)
+	limit := l.maxMessage()
 	s.each(func(seq uint64, p []byte) {
 		switch {
-		case seq <= s.wrote:
+		case seq <= s.wrote, len(p) > limit:
+			// Those the new server does not accept are handed back
+			// too, rather than end the new session at once.
 			lost = append(lost, append([]byte(nil), p...))
 		case plain:
-			l.push(p)
+			if !l.push(p) {
+				lost = append(lost, append([]byte(nil), p...))
+			}
 		default:
 			if kept == nil {
 				kept = getBuffer()
@@ -375,6 +421,7 @@ func (s *session) restart(id sessionID, l *link, plain bool) (lost [][]byte) {
 	s.wakeLocked()
 	if plain {
 		s.link, s.plain = l, true
+		s.peerMax = limit
 	} else {
 		s.attachLocked(l)
 	}
@@ -411,57 +458,83 @@ func (s *session) end(err error) (unacked uint64, first bool) {
 	return unacked, true
 }
 
+// ackDue is what a reader does after handing a message to the
+// application: nothing, ack now, or ack once ackDelay has passed.
+type ackDue int
+
+const (
+	ackNone ackDue = iota
+	ackNow
+	ackSoon
+)
+
 // delivered counts a message of n bytes handed to the application, on the
-// reader's goroutine, and reports whether an ack is due: drained says the
+// reader's goroutine, and says when to acknowledge it: drained says the
 // reader has no more input buffered.
-func (s *session) delivered(n int, drained bool) bool {
+func (s *session) delivered(n int, drained bool) ackDue {
 	r := s.received.Add(1)
 	s.unacked += n
-	return r-s.ackedIn >= ackEvery || s.unacked >= ackBytes ||
-		(drained && time.Since(s.lastAck) >= ackDelay)
+	switch {
+	case r-s.acked.Load() >= ackEvery || s.unacked >= ackBytes:
+		return ackNow
+	case !drained:
+		return ackNone
+	case time.Since(s.lastAck) >= ackDelay:
+		return ackNow
+	}
+	return ackSoon
 }
 
 // owesAck reports whether a message has been received since the last ack.
-func (s *session) owesAck() bool { return s.received.Load() != s.ackedIn }
+func (s *session) owesAck() bool { return s.received.Load() > s.acked.Load() }
 
-// ack returns the payload of an ack frame for every message received, and
-// notes it as sent. The payload is valid until the next call.
-func (s *session) ack() []byte {
-	r := s.received.Load()
-	s.ackedIn, s.unacked, s.lastAck = r, 0, time.Now()
-	binary.BigEndian.PutUint64(s.ackBuffer[:], r)
-	return s.ackBuffer[:]
+// readerAck returns the count for an ack of every message received, sent
+// by the reader, and notes it as sent.
+func (s *session) readerAck() uint64 {
+	s.unacked, s.lastAck = 0, time.Now()
+	return s.noteAck()
 }
 
-// ackAll queues an ack for every message l's session has received, as l
-// closes, so that the peer does not count as unacknowledged what arrived.
-// The reader may still be running: the count is read, and the reader's
-// own ack state left alone; the peer ignores an ack below an earlier one.
-func ackAll(l *link) {
-	if s := l.sess; s != nil {
-		if n := s.received.Load(); n > 0 {
-			_ = l.beat(frameAck, binary.BigEndian.AppendUint64(nil, n))
+// noteAck returns the count of messages received and records that an ack
+// carries it.
+func (s *session) noteAck() uint64 {
+	r := s.received.Load()
+	for {
+		old := s.acked.Load()
+		if old >= r || s.acked.CompareAndSwap(old, r) {
+			return r
 		}
 	}
 }
 
-// parseAck decodes an ack frame's payload.
-func parseAck(p []byte) (uint64, error) {
-	if len(p) != 8 {
-		return 0, protocolErrorf("ack frame of %d bytes, want 8", len(p))
+// acknowledge counts a message of n bytes of session s, received on l and
+// handed to the application, and acknowledges it now or soon, as due. It
+// reports false if l is down.
+func acknowledge(l *link, s *session, n int) bool {
+	switch s.delivered(n, l.fr.br.Buffered() == 0) {
+	case ackNow:
+		return l.ack(s.readerAck()) == nil
+	case ackSoon:
+		l.ackSoon(s)
 	}
-	return binary.BigEndian.Uint64(p), nil
+	return true
 }
 
-// String returns the id in hexadecimal, for logs.
-func (id sessionID) String() string { return fmt.Sprintf("%x", id[:]) }
+// ackAll queues an ack for every message l's session has received, as l
+// closes, so that the peer does not count as unacknowledged what arrived.
+// The reader may still be running; the peer ignores an ack below an
+// earlier one.
+func ackAll(l *link) {
+	if s := l.sess; s != nil && s.owesAck() {
+		_ = l.ack(s.noteAck())
+	}
+}
 
-// acknowledge counts a message of n bytes of session s, received on l and
-// handed to the application, and sends an ack when one is due. It reports
-// false if l is down.
-func acknowledge(l *link, s *session, n int) bool {
-	if s.delivered(n, l.fr.br.Buffered() == 0) {
-		return l.beat(frameAck, s.ack()) == nil
+// ackOwed sends an ack on a heartbeat, a ping received or a pong, if a
+// message has come since the last one. It reports false if l is down.
+func ackOwed(l *link) bool {
+	if s := l.sess; s != nil && s.owesAck() {
+		return l.ack(s.readerAck()) == nil
 	}
 	return true
 }
@@ -478,15 +551,16 @@ func takeAck(l *link, p []byte) error {
 	return l.sess.peerAcked(n)
 }
 
-// ackOwed sends an ack on a heartbeat, a ping received or a pong, if a
-// message has come since the last one, so that a session's tail is
-// acknowledged within a ping interval. It reports false if l is down.
-func ackOwed(l *link) bool {
-	if s := l.sess; s != nil && s.owesAck() {
-		return l.beat(frameAck, s.ack()) == nil
+// parseAck decodes an ack frame's payload.
+func parseAck(p []byte) (uint64, error) {
+	if len(p) != 8 {
+		return 0, protocolErrorf("ack frame of %d bytes, want 8", len(p))
 	}
-	return true
+	return binary.BigEndian.Uint64(p), nil
 }
+
+// String returns the id in hexadecimal, for logs.
+func (id sessionID) String() string { return fmt.Sprintf("%x", id[:]) }
 
 // The server keeps its sessions in Server.sessions, by id, from the moment
 // the first connection opens until the session ends. A session's Conn is
@@ -508,6 +582,9 @@ func ackOwed(l *link) bool {
 type sessionState struct {
 	attached chan struct{} // closed when the connection serving it lets go
 	claimed  bool          // a new connection is resuming it
+	// closeRequested says Conn.Close was called while a connection
+	// served the session: it ends when that connection lets go.
+	closeRequested bool
 	// suspended is the number of its current suspension in the queue, 0
 	// when it is not suspended; buffered is its log's size then.
 	suspended uint64
@@ -521,6 +598,11 @@ var errTakenOver = errors.New("vgo: session resumed on a new connection")
 // errResumed ends the context of a connection that resumed a session: the
 // session's Conn carries on in its place.
 var errResumed = errors.New("vgo: the connection resumed a session")
+
+// closedSession stands in the Conn that the authenticator saw for a
+// connection that resumed a session, so that it sends nothing outside the
+// session's numbering: its sends fail with ErrClosed.
+var closedSession = &session{ended: ErrClosed}
 
 // suspendQueue holds the suspended sessions, oldest first. Entries of
 // sessions resumed or ended since are skipped when they come up, so the
@@ -550,18 +632,6 @@ func endsSession(cause error) bool {
 		errors.Is(cause, ErrServerClosed) || errors.Is(cause, ErrProtocol)
 }
 
-// sameIdentity reports whether two identities from the authenticator name
-// the same client.
-func sameIdentity(a, b any) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
-	if reflect.TypeOf(a).Comparable() && reflect.TypeOf(b).Comparable() {
-		return a == b
-	}
-	return reflect.DeepEqual(a, b)
-}
-
 // claim finds the session a client asks to resume with hello h on
 // connection c, and takes it from the connection serving it, if any,
 // waiting until deadline for that one's goroutine to let go. It returns
@@ -571,10 +641,10 @@ func (s *Server) claim(c *Conn, h hello, deadline time.Time) (*Conn, error) {
 	s.mu.Lock()
 	old := s.sessions[h.sessionID]
 	switch {
-	case old == nil || old.claimed:
+	case old == nil || old.claimed || old.closeRequested:
 		s.mu.Unlock()
 		return nil, nil
-	case !sameIdentity(old.Identity(), c.Identity()):
+	case !reflect.DeepEqual(old.Identity(), c.Identity()):
 		s.mu.Unlock()
 		c.log.WithField("session", h.sessionID.String()).Warn("resume refused: the session belongs to another identity")
 		return nil, nil
@@ -612,23 +682,36 @@ func (s *Server) claim(c *Conn, h hello, deadline time.Time) (*Conn, error) {
 }
 
 // unclaim gives back a session whose resume failed: it is suspended again,
-// or ended if the server is closing.
+// or ended if it was closed or the server is closing meanwhile. A session
+// whose old connection has not let go yet is left to that connection
+// (leave).
 func (s *Server) unclaim(c *Conn) {
 	s.mu.Lock()
 	c.claimed = false
-	if _, live := s.sessions[c.sess.Load().id]; !live {
+	if _, live := s.sessions[c.sess.Load().id]; !live || c.attached != nil {
 		s.mu.Unlock()
 		return
 	}
-	var ended []*Conn
-	if s.closing {
+	var (
+		cause   error
+		evicted []*Conn
+	)
+	switch {
+	case c.closeRequested:
+		cause = ErrClosed
+	case s.closing:
+		cause = ErrServerClosed
+	default:
+		evicted = s.suspendLocked(c)
+	}
+	if cause != nil {
 		s.dropLocked(c)
-		ended = append(ended, c)
-	} else {
-		ended = s.suspendLocked(c)
 	}
 	s.mu.Unlock()
-	s.closeSessions(ended, ErrServerClosed)
+	if cause != nil {
+		s.closeSession(c, cause)
+	}
+	s.closeSessions(evicted, ErrSessionEvicted)
 }
 
 // adoptLocked moves connection c, just opened, into the session's Conn
@@ -656,6 +739,11 @@ func (s *Server) leave(c *Conn, cause error) {
 	// Once c.attached is closed, a new connection may take c over:
 	// read nothing of it after unlocking but what is kept here.
 	var evicted []*Conn
+	if c.closeRequested {
+		// Conn.Close found the connection already going: its close
+		// frame may not have been sent, but the session ends.
+		cause = ErrClosed
+	}
 	ends := endsSession(cause) || s.closing
 	suspends := !ends && !c.claimed
 	log := c.log

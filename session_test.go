@@ -492,7 +492,7 @@ func FuzzSessionLog(f *testing.F) {
 	f.Add([]byte{0, 255, 0, 255, 0, 255, 0, 255, 0, 255, 1, 4, 2, 9})
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		const bound = 1000
-		s := newSession(sessionID{1}, bound)
+		s := newSession(sessionID{1}, bound, 1<<20)
 		var (
 			model [][]byte // unacknowledged, oldest first
 			first uint64   = 1
@@ -583,4 +583,203 @@ func TestSessionHandlerAnswersOnItsOwnSession(t *testing.T) {
 	close(gate)
 	echoes.wait(t, ctx, n, "echoes")
 	echoes.check(t, "echoes")
+}
+
+func TestSessionCloseWhileItsConnectionIsGoing(t *testing.T) {
+	// Conn.Close while a resume has taken the session's connection down,
+	// before that connection's handler has returned, still ends the
+	// session; the resuming client gets a new one.
+	inHandler := make(chan *Conn, 1)
+	release := make(chan struct{})
+	closed := make(chan error, 4)
+	_, addr := startServer(t, WithSessions(Sessions{}),
+		WithOnConnClose(func(_ *Conn, err error) { closed <- err }),
+		WithHandler(func(c *Conn, p []byte) {
+			if string(p) == "hold the reader" {
+				inHandler <- c
+				<-release
+			}
+		}))
+	r, h := rawSession(t, addr, sessionID{}, 0, nil)
+	r.send(frameData, []byte("hold the reader"))
+	conn := recv(t, inHandler)
+	again := dialRaw(t, addr) // its resume waits for the handler
+	again.write(appendFrame(nil, frameHello, hello{version: ProtocolVersion, resume: true, sessionID: h.sessionID}.marshal()))
+	require.Eventually(t, func() bool { return conn.link().cause() != nil }, waitFor, time.Millisecond,
+		"the resume takes the old connection down")
+	require.NoError(t, conn.Close())
+	close(release)
+	require.ErrorIs(t, recv(t, closed), ErrClosed)
+	require.ErrorIs(t, conn.Send(testContext(t), []byte("late")), ErrClosed)
+	ft, p := again.next()
+	require.Equal(t, frameHello, ft)
+	got, err := parseHello(p, true)
+	require.NoError(t, err)
+	require.NotEqual(t, h.sessionID, got.sessionID, "a closed session is not resumed")
+}
+
+func TestSessionResumeThatTimesOutLeavesOneSession(t *testing.T) {
+	// A resume that gives up waiting for the old connection's handler
+	// leaves the session to that connection, which suspends it once.
+	inHandler := make(chan struct{}, 1)
+	release := make(chan struct{})
+	srv, addr := startServer(t, WithSessions(Sessions{}), WithHandshakeTimeout(100*time.Millisecond),
+		WithHandler(func(c *Conn, p []byte) {
+			inHandler <- struct{}{}
+			<-release
+		}))
+	r, h := rawSession(t, addr, sessionID{}, 0, nil)
+	r.send(frameData, []byte("hold the reader"))
+	recv(t, inHandler)
+	again := dialRaw(t, addr)
+	again.write(appendFrame(nil, frameHello, hello{version: ProtocolVersion, resume: true, sessionID: h.sessionID}.marshal()))
+	_, _, err := again.read()
+	require.Error(t, err, "the resume gives up at the handshake timeout")
+	require.Zero(t, srv.Stats().Suspended, "the session is still the old connection's")
+	close(release)
+	require.Eventually(t, func() bool { return srv.Stats().Suspended == 1 }, waitFor, time.Millisecond)
+	require.Equal(t, 1, srv.Len())
+	n := 0
+	srv.Range(func(*Conn) bool { n++; return true })
+	require.Equal(t, 1, n)
+}
+
+func TestSessionSendsFromCallbacks(t *testing.T) {
+	// Sends from the callbacks that run where the reader would, before it
+	// starts, do not wait for acknowledgements that nothing reads: past
+	// the log's bound they wait for the writer instead.
+	const many = 100
+	big := make([]byte, 1024)
+	got := make(chan struct{}, 2*many)
+	_, addr := startServer(t, WithSessions(Sessions{BufferBytes: 4 << 10}),
+		WithHandler(func(*Conn, []byte) { got <- struct{}{} }),
+		WithOnConnOpen(func(c *Conn) {
+			for range many {
+				if err := c.Send(context.Background(), big); err != nil {
+					t.Errorf("send from OnConnOpen: %v", err)
+					return
+				}
+			}
+		}))
+	client := make(chan *Client, 1)
+	c := newTestClient(t, addr, WithResume(4<<10),
+		WithOnMessage(func([]byte) { got <- struct{}{} }),
+		WithOnConnect(func(net.Addr) {
+			c := <-client
+			for range many {
+				if err := c.Send(context.Background(), big); err != nil {
+					t.Errorf("send from OnConnect: %v", err)
+					return
+				}
+			}
+		}))
+	client <- c
+	for range 2 * many {
+		recv(t, got)
+	}
+}
+
+func TestSessionLogBoundWhileHandlerHoldsALostConnection(t *testing.T) {
+	// While OnMessage holds the reader and the connection is gone under
+	// it, the log still has a bound, of overrun times its size.
+	conns := make(chan *Conn, 1)
+	_, addr := startServer(t, WithSessions(Sessions{}), WithOnConnOpen(func(c *Conn) { conns <- c }))
+	in := make(chan struct{}, 1)
+	release := make(chan struct{})
+	const bound = 16 << 10
+	c := newTestClient(t, addr, WithResume(bound), WithOnMessage(func([]byte) {
+		in <- struct{}{}
+		<-release
+	}))
+	defer close(release)
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	require.NoError(t, recv(t, conns).Send(testContext(t), []byte("hold the reader")))
+	recv(t, in)
+	// The reader reads no pong: the pong timeout takes the link down.
+	require.Eventually(t, func() bool {
+		c.sess.mu.Lock()
+		defer c.sess.mu.Unlock()
+		return c.sess.link != nil && c.sess.link.isDown()
+	}, waitFor, time.Millisecond)
+	for i := 0; ; i++ {
+		err := c.TrySend(make([]byte, 1024))
+		if err != nil {
+			require.ErrorIs(t, err, ErrQueueFull)
+			break
+		}
+		require.Less(t, i, 1000, "the log takes everything")
+	}
+	require.LessOrEqual(t, c.sess.size(), overrun*bound)
+}
+
+func TestSessionMessageLongerThanTheLog(t *testing.T) {
+	// A message longer than the whole log goes, alone, and costs no
+	// reconnect.
+	got := make(chan int, 1)
+	_, addr := startServer(t, WithSessions(Sessions{}), WithHandler(func(_ *Conn, p []byte) { got <- len(p) }))
+	c := newTestClient(t, addr, WithResume(1024))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	require.NoError(t, c.Send(testContext(t), make([]byte, 5000)))
+	require.Equal(t, 5000, recv(t, got))
+	require.NoError(t, c.Send(testContext(t), make([]byte, 10)))
+	require.Equal(t, 10, recv(t, got))
+	require.Zero(t, c.Stats().Reconnects)
+}
+
+func TestSessionQuietTailIsAcknowledged(t *testing.T) {
+	// The last messages of a burst are acknowledged soon after it ends,
+	// not with the next ping, here a minute away: a sender whose log is
+	// full does not wait for the heartbeat.
+	_, addr := startServer(t, WithSessions(Sessions{}), WithHeartbeatTimeout(-1))
+	c := newTestClient(t, addr, WithResume(16<<10), WithPingInterval(time.Minute))
+	ctx := testContext(t)
+	require.NoError(t, c.WaitConnected(ctx))
+	for range 100 {
+		require.NoError(t, c.Send(ctx, make([]byte, 1024)), "waiting for acks")
+	}
+	require.Eventually(t, func() bool { return c.sess.size() == 0 }, waitFor, time.Millisecond, "the tail is acknowledged")
+}
+
+func TestSessionMessageTooLongForTheServerWhileAway(t *testing.T) {
+	// A message longer than the server accepts is refused while
+	// disconnected too, as the last connection said.
+	r := newSessionRig(t, []ServerOption{WithMaxFrameSize(1000)})
+	ctx := testContext(t)
+	require.NoError(t, r.client.WaitConnected(ctx))
+	require.ErrorIs(t, r.client.Send(ctx, make([]byte, 1001)), ErrFrameTooLarge)
+	r.proxy.Refuse()
+	r.proxy.Cut()
+	require.Eventually(t, func() bool { return r.client.State() != StateConnected }, waitFor, time.Millisecond)
+	require.ErrorIs(t, r.client.Send(ctx, make([]byte, 1001)), ErrFrameTooLarge)
+	require.NoError(t, r.client.Send(ctx, numbered(1, 1000)))
+	r.proxy.Admit()
+	r.toServer.wait(t, ctx, 1, "the message that fits")
+}
+
+func TestSessionAuthenticatorsConnAfterResume(t *testing.T) {
+	// The Conn the authenticator saw for a connection that resumed a
+	// session sends nothing outside the session: it is closed, and the
+	// session's Conn carries on.
+	type user struct {
+		Name  string
+		Roles []string // not comparable: identities are compared deeply
+	}
+	seen := make(chan *Conn, 4)
+	resumed := make(chan *Conn, 1)
+	_, addr := startServer(t, WithSessions(Sessions{}),
+		WithAuthenticator(func(c *Conn, _ []byte) (any, error) {
+			seen <- c
+			return user{"alice", []string{"admin"}}, nil
+		}),
+		WithOnConnResume(func(c *Conn) { resumed <- c }))
+	r, h := rawSession(t, addr, sessionID{}, 0, nil)
+	first := recv(t, seen)
+	require.NoError(t, r.nc.Close())
+	_, got := rawSession(t, addr, h.sessionID, 0, nil)
+	require.Equal(t, h.sessionID, got.sessionID, "the same identity resumes")
+	require.Same(t, first, recv(t, resumed))
+	second := recv(t, seen)
+	require.ErrorIs(t, second.Send(testContext(t), []byte("outside")), ErrClosed)
+	require.ErrorIs(t, second.TrySend([]byte("outside")), ErrClosed)
+	require.ErrorIs(t, context.Cause(second.Context()), errResumed)
 }
