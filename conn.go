@@ -80,10 +80,10 @@ type link struct {
 	beatsSpare []byte  // the last written beats, reused
 	// ackAt is where in beats the ack waiting to be written starts, -1
 	// for none: a newer ack overwrites it rather than queue behind it.
-	ackAt int
-	writing    bool    // the writer goroutine is running
-	closed     bool    // set by shutdown or a failed write: nothing more is queued
-	closing    error   // the cause closeWith will shut down with
+	ackAt   int
+	writing bool  // the writer goroutine is running
+	closed  bool  // set by shutdown or a failed write: nothing more is queued
+	closing error // the cause closeWith will shut down with
 	// Waiters for the writer's progress: those whose context can end wait
 	// on progress, closed and replaced after every write; the others on
 	// cond, which spares them a channel each time.
