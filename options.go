@@ -235,10 +235,14 @@ func WithSendBuffer(maxMessages, maxBytes int, policy BufferPolicy) ClientOption
 // Sessions). Send keeps each message until the server acknowledges it, in
 // a log of at most bufferBytes bytes (0 means DefaultSessionBuffer, 1 MiB),
 // and waits for room when the log is full: that is the only bound on
-// Send, and TrySend fails with ErrQueueFull instead. The log also keeps the
+// Send, and TrySend fails with ErrQueueFull instead. From the client's
+// callbacks, which run where the connection's reader does, Send waits for
+// the writer instead (see Sessions.BufferBytes). The log also keeps the
 // messages sent while disconnected, so WithSendBuffer cannot be combined
-// with it. A server without sessions is served as if the option were not
-// set. Off by default.
+// with it; the credentials then have 27 bytes less room. A server without
+// sessions is served as if the option were not set, except that Send
+// keeps the messages sent while disconnected for the next connection. Off
+// by default.
 func WithResume(bufferBytes int) ClientOption {
 	return clientOption(func(o *clientOptions) { o.resume, o.resumeOn = bufferBytes, true })
 }
@@ -439,11 +443,13 @@ type Sessions struct {
 	Window time.Duration
 	// BufferBytes bounds a session's log of unacknowledged messages to
 	// its client: Conn.Send waits for room, and TrySend fails with
-	// ErrQueueFull, while it is full. While the session's handler runs,
-	// whose reader then reads no acknowledgements, Send waits for the
-	// connection's writer instead, and a client that lets the log reach
-	// four times its bound is dropped as a slow consumer; the session
-	// resumes. The default is DefaultSessionBuffer (1 MiB).
+	// ErrQueueFull, while it is full. While the application's code runs
+	// on the session's reader (the handler, OnConnOpen, OnConnResume),
+	// which then reads no acknowledgements, Send waits for the
+	// connection's writer instead, and a client that lets the log grow by
+	// four times its bound (at least 8 MiB) is dropped as a slow
+	// consumer; the session resumes. The default is DefaultSessionBuffer
+	// (1 MiB).
 	BufferBytes int
 	// MaxSuspended is how many sessions may be suspended at once: beyond
 	// it the one suspended longest ends. The default is
