@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -106,26 +107,9 @@ func readRawFrame(r *bufio.Reader, buf []byte) ([]byte, error) {
 func BenchmarkOneWay(b *testing.B) {
 	for _, size := range benchSizes {
 		payload := make([]byte, size)
-		b.Run("vgo/"+sizeName(size), func(b *testing.B) {
-			var got atomic.Int64
-			done := make(chan struct{})
-			var want int64
-			c := benchClient(b, nil, WithHandler(func(_ *Conn, _ []byte) {
-				if got.Add(1) == atomic.LoadInt64(&want) {
-					close(done)
-				}
-			}))
-			atomic.StoreInt64(&want, int64(b.N))
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			b.ResetTimer()
-			ctx := context.Background()
-			for range b.N {
-				if err := c.Send(ctx, payload); err != nil {
-					b.Fatal(err)
-				}
-			}
-			<-done
+		b.Run("vgo/"+sizeName(size), func(b *testing.B) { benchOneWay(b, payload, nil) })
+		b.Run("sessions/"+sizeName(size), func(b *testing.B) {
+			benchOneWay(b, payload, []ClientOption{WithResume(0)}, WithSessions(Sessions{}))
 		})
 		b.Run("baseline/"+sizeName(size), func(b *testing.B) {
 			cc, sc := rawPair(b)
@@ -154,6 +138,36 @@ func BenchmarkOneWay(b *testing.B) {
 			require.NoError(b, <-done)
 		})
 	}
+}
+
+// benchOneWay sends b.N copies of payload from a client to a server that
+// counts them. Besides allocs/op, which is rounded down to a whole number,
+// it reports allocs/1000op: a buffer allocated now and then shows there.
+func benchOneWay(b *testing.B, payload []byte, clientOpts []ClientOption, serverOpts ...ServerOption) {
+	var got atomic.Int64
+	done := make(chan struct{})
+	var want int64
+	c := benchClient(b, clientOpts, append([]ServerOption{WithHandler(func(_ *Conn, _ []byte) {
+		if got.Add(1) == atomic.LoadInt64(&want) {
+			close(done)
+		}
+	})}, serverOpts...)...)
+	atomic.StoreInt64(&want, int64(b.N))
+	b.SetBytes(int64(len(payload)))
+	b.ReportAllocs()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	b.ResetTimer()
+	ctx := context.Background()
+	for range b.N {
+		if err := c.Send(ctx, payload); err != nil {
+			b.Fatal(err)
+		}
+	}
+	<-done
+	b.StopTimer()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.Mallocs-before.Mallocs)*1000/float64(b.N), "allocs/1000op")
 }
 
 // BenchmarkEcho measures round trips through an echoing server with a
