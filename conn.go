@@ -206,6 +206,15 @@ func (l *link) shutdown(err error) error {
 // wait returns once the writer has exited; call it after shutdown.
 func (l *link) wait() { l.writers.Wait() }
 
+// release lets go of the read buffers of a link whose reader has exited,
+// for a session that keeps its last link while suspended.
+func (l *link) release() {
+	if l.fr.want < 0 {
+		putBuffer(l.fr.held)
+	}
+	l.fr.held, l.fr.br = nil, nil
+}
+
 // cause returns why the link went down, or nil while it is up.
 func (l *link) cause() error {
 	select {
@@ -257,14 +266,6 @@ func (l *link) send(ctx context.Context, p []byte) error {
 	}
 }
 
-// hasRoom reports whether the stream queue has room, or the link is down
-// and the next offer will say so.
-func (l *link) hasRoom() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.closed || l.queuedLocked() < sendQueueLimit
-}
-
 // waitRoom waits until the stream queue may have room, or the link is down
 // (the next offer says which), or ctx ends.
 func (l *link) waitRoom(ctx context.Context) error {
@@ -285,9 +286,25 @@ func (l *link) fits(p []byte) error {
 	return checkPayload(p, l.maxSend)
 }
 
-// push queues message p whatever room there is, for a session, whose log
-// bounds what may wait. It reports false if the link is down or closing,
-// or not yet open.
+// pushIfRoom queues message p of a session if the stream queue has room,
+// and reports full if not. It reports pushed false, and full false, if the
+// link is down or closing, or not yet open.
+func (l *link) pushIfRoom(p []byte) (pushed, full bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch {
+	case l.closed || l.closing != nil || !l.ready:
+		return false, false
+	case l.queuedLocked() >= sendQueueLimit:
+		return false, true
+	}
+	l.appendMessageLocked(p)
+	return true, false
+}
+
+// push queues message p whatever room there is: a session's log, replayed
+// on a new connection, or the messages of a session that has none. It
+// reports false if the link is down or closing, or not yet open.
 func (l *link) push(p []byte) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()

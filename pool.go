@@ -24,6 +24,23 @@ func getBuffer() *buffer {
 	return buf
 }
 
+// A session's log of unacknowledged messages has a pool of its own, which
+// keeps buffers of any size: a log holds up to its bound, 1 MiB by
+// default, and empties each time the peer acknowledges all of it.
+var logBuffers = sync.Pool{New: func() any { return new(buffer) }}
+
+func getLogBuffer() *buffer {
+	buf := logBuffers.Get().(*buffer)
+	buf.b = buf.b[:0]
+	return buf
+}
+
+func putLogBuffer(buf *buffer) {
+	if buf != nil {
+		logBuffers.Put(buf)
+	}
+}
+
 // putBuffer gives buf back to the pool, unless it grew too large to keep.
 // nil is allowed.
 func putBuffer(buf *buffer) {

@@ -169,55 +169,72 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 			s.mu.Unlock()
 			return checkPayload(p, s.peerMax)
 		}
-		n := s.buffered()
-		if n == 0 || n+recordHeader+len(p) <= s.max {
-			break
-		}
-		if s.delivering.Load() {
-			l := s.link
-			if l == nil || l.isDown() {
-				// No socket holds anything: the bound is tighter.
-				if n+recordHeader+len(p) > overrun*s.max {
-					s.mu.Unlock()
-					return ErrQueueFull
-				}
-				break
-			}
-			if l.hasRoom() {
-				break
-			}
-			s.mu.Unlock()
-			if !wait {
-				return ErrQueueFull
-			}
-			if err := l.waitRoom(ctx); err != nil {
-				return err
-			}
-			s.mu.Lock()
+		if room, err := s.roomLocked(ctx, len(p), wait); err != nil {
+			return err
+		} else if !room {
 			continue
 		}
-		if !wait {
+		// Then the connection's send queue: a session bounds it as a
+		// connection without one does, so that its buffers stay ones
+		// the pool keeps and its writes full.
+		l := s.link
+		pushed := false
+		if l != nil {
+			var full bool
+			if pushed, full = l.pushIfRoom(p); full {
+				s.mu.Unlock()
+				if !wait {
+					return ErrQueueFull
+				}
+				if err := l.waitRoom(ctx); err != nil {
+					return err
+				}
+				s.mu.Lock()
+				continue
+			}
+		}
+		if s.log == nil {
+			s.log = getLogBuffer()
+		}
+		s.log.b = binary.BigEndian.AppendUint32(s.log.b, uint32(len(p)))
+		s.log.b = append(s.log.b, p...)
+		s.next++
+		if pushed {
+			s.wrote = s.next - 1
+			if grown := s.buffered() - s.low; grown > s.overrunBytes() && s.next-s.first > 1 {
+				l.shutdown(fmt.Errorf("%w: %d bytes sent and not acknowledged", ErrSlowConsumer, grown))
+			}
+		}
+		s.mu.Unlock()
+		return nil
+	}
+}
+
+// roomLocked reports whether the log has room for a message of n bytes,
+// as send decides it, waiting for acknowledgements if wait allows. On
+// false the caller looks again; on error s.mu is released.
+func (s *session) roomLocked(ctx context.Context, n int, wait bool) (bool, error) {
+	held := s.buffered()
+	if held == 0 || held+recordHeader+n <= s.max {
+		return true, nil
+	}
+	if s.delivering.Load() {
+		// The writer bounds what goes on a connection; without one,
+		// nothing holds the log back but this.
+		if l := s.link; (l == nil || l.isDown()) && held+recordHeader+n > overrun*s.max {
 			s.mu.Unlock()
-			return ErrQueueFull
+			return false, ErrQueueFull
 		}
-		if err := s.waitAcks(ctx); err != nil {
-			return err
-		}
+		return true, nil
 	}
-	if s.log == nil {
-		s.log = getBuffer()
+	if !wait {
+		s.mu.Unlock()
+		return false, ErrQueueFull
 	}
-	s.log.b = binary.BigEndian.AppendUint32(s.log.b, uint32(len(p)))
-	s.log.b = append(s.log.b, p...)
-	s.next++
-	if l := s.link; l != nil && l.push(p) {
-		s.wrote = s.next - 1
-		if grown := s.buffered() - s.low; grown > s.overrunBytes() && s.next-s.first > 1 {
-			l.shutdown(fmt.Errorf("%w: %d bytes sent and not acknowledged", ErrSlowConsumer, grown))
-		}
+	if err := s.waitAcks(ctx); err != nil {
+		return false, err
 	}
-	s.mu.Unlock()
-	return nil
+	return false, nil
 }
 
 // overrunBytes is how far past its lowest point since the connection
@@ -307,7 +324,7 @@ func (s *session) dropLocked(n uint64) {
 	}
 	switch {
 	case s.head == len(s.log.b):
-		putBuffer(s.log)
+		putLogBuffer(s.log)
 		s.log, s.head = nil, 0
 	case s.head >= len(s.log.b)/2:
 		// Move the rest to the front, each byte at most once per
@@ -406,14 +423,14 @@ func (s *session) restart(id sessionID, l *link, plain bool) (lost [][]byte) {
 			}
 		default:
 			if kept == nil {
-				kept = getBuffer()
+				kept = getLogBuffer()
 			}
 			kept.b = binary.BigEndian.AppendUint32(kept.b, uint32(len(p)))
 			kept.b = append(kept.b, p...)
 			count++
 		}
 	})
-	putBuffer(s.log)
+	putLogBuffer(s.log)
 	s.log, s.head = kept, 0
 	s.id = id
 	s.first, s.next, s.wrote = 1, 1+count, 0
@@ -450,7 +467,7 @@ func (s *session) end(err error) (unacked uint64, first bool) {
 	}
 	s.ended = err
 	unacked = s.next - s.first
-	putBuffer(s.log)
+	putLogBuffer(s.log)
 	s.log, s.head = nil, 0
 	s.first = s.next
 	s.link, s.plain = nil, false
@@ -732,6 +749,7 @@ func (s *Server) adoptLocked(sc, c *Conn) {
 // connection.
 func (s *Server) leave(c *Conn, cause error) {
 	c.sess.Load().detach(c.l)
+	c.l.release()
 	s.mu.Lock()
 	s.forgetLocked(c)
 	close(c.attached)
