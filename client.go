@@ -181,6 +181,16 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 	if err := checkPayload(payload, c.opts.maxFrameSize); err != nil {
 		return err
 	}
+	if c.sess != nil {
+		// The session has its own lock, and ends with the client
+		// (finish), after which it returns the client's error.
+		err := c.sess.send(ctx, payload, wait)
+		if err == nil {
+			c.stats.msgsOut.Add(1)
+			c.stats.bytesOut.Add(uint64(len(payload)))
+		}
+		return err
+	}
 	for {
 		// Whether the message goes on the live connection or into the
 		// buffer is decided under c.mu, where publish hands the buffer
@@ -196,14 +206,6 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 		case c.ctx.Err() != nil:
 			c.mu.Unlock()
 			return ErrClosed
-		case c.sess != nil:
-			c.mu.Unlock()
-			err := c.sess.send(ctx, payload, wait)
-			if err == nil {
-				c.stats.msgsOut.Add(1)
-				c.stats.bytesOut.Add(uint64(len(payload)))
-			}
-			return err
 		case l == nil && c.sendBuf.enabled():
 			return c.buffer(ctx, payload, wait)
 		case l == nil:
@@ -405,6 +407,10 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 // readLoop is the connection's only reader. It answers pings, measures
 // pongs and hands messages to the message callback.
 func (c *Client) readLoop(l *link, hb *heartbeat) {
+	var g uint64 // this goroutine's number, for a session (see session.send)
+	if l.sess != nil {
+		g = goroutineID()
+	}
 	for {
 		t, p, err := l.fr.next()
 		if err != nil {
@@ -413,11 +419,16 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 		}
 		switch t {
 		case frameData:
+			s := l.sess
+			if s != nil && l.cause() != nil {
+				// Down: what is still buffered is not counted,
+				// and comes again on resume.
+				return
+			}
 			c.stats.msgsIn.Add(1)
 			c.stats.bytesIn.Add(uint64(len(p)))
-			s := l.sess
 			if s != nil {
-				s.beginDelivery()
+				s.beginDelivery(g)
 			}
 			if fn := c.opts.onMessage; fn != nil {
 				fn(p)

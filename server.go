@@ -476,6 +476,10 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 // heartbeat deadline, so a silent peer ends the loop with
 // ErrHeartbeatTimeout.
 func (s *Server) readLoop(c *Conn) error {
+	var g uint64 // this goroutine's number, for a session (see session.send)
+	if c.l.sess != nil {
+		g = goroutineID()
+	}
 	for {
 		t, p, err := c.l.fr.next()
 		if err != nil {
@@ -488,7 +492,12 @@ func (s *Server) readLoop(c *Conn) error {
 		case frameData:
 			ss := c.l.sess
 			if ss != nil {
-				ss.beginDelivery()
+				if c.l.cause() != nil {
+					// Down: what is still buffered is not
+					// counted, and comes again on resume.
+					return nil
+				}
+				ss.beginDelivery(g)
 			}
 			if fn := s.opts.handler; fn != nil {
 				fn(c, p)

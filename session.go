@@ -1,12 +1,14 @@
 package vgo
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"reflect"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,11 +93,10 @@ type session struct {
 	// opened; see overrunBytes.
 	low int
 
-	// delivering is set while the application handles a message of this
-	// session, on the reader's goroutine, and waiting counts the senders
-	// waiting for acknowledgements (see send).
-	delivering atomic.Bool
-	waiting    atomic.Int32
+	// runner is the number of the goroutine running the application's
+	// code for this session where its reader does (a handler, or a
+	// callback), 0 while none is (see send).
+	runner atomic.Uint64
 
 	// The receiving side. received and acked are also read by the ack
 	// timer (ackSoon); unacked and lastAck belong to the reader of the
@@ -136,20 +137,19 @@ func (s *session) size() int {
 }
 
 // send keeps p in the log and queues it on the connection, if there is
-// one. When the log is full (max bytes, though a message alone in it may
-// be longer) it waits for acknowledgements as long as ctx allows, or, with
-// wait false, fails with ErrQueueFull.
+// one, and waits, as a connection without a session does, for room in the
+// connection's send queue. When the log is full (max bytes, though a
+// message alone in it may be longer) it waits for acknowledgements as long
+// as ctx allows, or, with wait false, fails with ErrQueueFull.
 //
-// While the application's code runs on the session's reader (a handler,
-// or a callback on the goroutine that starts the reader), no
-// acknowledgement is read, and the caller may be that code: waiting for
-// them could wait for ever. Then send waits instead, as a connection
-// without a session does, for the writer to make room in the send queue,
-// and the log may grow past its bound by what the peer has been sent and
-// has not yet acknowledged. That growth is bounded too (overrunBytes):
-// past it, a peer that is connected is dropped as a slow consumer, and the
-// session survives it; without a connection, send fails with
-// ErrQueueFull.
+// The application's code that runs where the session's reader does (its
+// handler, and the callbacks before the reader starts or between
+// connections) is the exception: while it runs no acknowledgement is read,
+// so a send from it never waits for them. The log then grows past its
+// bound by what the peer has been sent and has not yet acknowledged, and
+// that growth has a bound too (overrunBytes): past it, a peer that is
+// connected is dropped as a slow consumer, and the session survives it;
+// without a connection, the send fails with ErrQueueFull.
 func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 	s.mu.Lock()
 	for {
@@ -218,7 +218,7 @@ func (s *session) roomLocked(ctx context.Context, n int, wait bool) (bool, error
 	if held == 0 || held+recordHeader+n <= s.max {
 		return true, nil
 	}
-	if s.delivering.Load() {
+	if g := s.runner.Load(); g != 0 && g == goroutineID() {
 		// The writer bounds what goes on a connection; without one,
 		// nothing holds the log back but this.
 		if l := s.link; (l == nil || l.isDown()) && held+recordHeader+n > overrun*s.max {
@@ -231,9 +231,17 @@ func (s *session) roomLocked(ctx context.Context, n int, wait bool) (bool, error
 		s.mu.Unlock()
 		return false, ErrQueueFull
 	}
-	if err := s.waitAcks(ctx); err != nil {
-		return false, err
+	if s.room == nil {
+		s.room = make(chan struct{})
 	}
+	room := s.room
+	s.mu.Unlock()
+	select {
+	case <-room:
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	s.mu.Lock()
 	return false, nil
 }
 
@@ -247,45 +255,29 @@ func (s *session) overrunBytes() int { return max(overrun*s.max, 8<<20) }
 // application's code runs on its reader.
 const overrun = 4
 
-// waitAcks waits for the log to shrink, for the session to change (a
-// connection comes or goes, it ends), or for the application's code to
-// start running on its reader, when send waits differently. It is called
-// with s.mu held and returns with it held, except on error.
-func (s *session) waitAcks(ctx context.Context) error {
-	if s.room == nil {
-		s.room = make(chan struct{})
-	}
-	room := s.room
-	// Counted before delivering is read, and delivering set before
-	// waiting is read (beginDelivery), so that one sees the other.
-	s.waiting.Add(1)
-	defer s.waiting.Add(-1)
-	if s.delivering.Load() {
-		return nil
-	}
-	s.mu.Unlock()
-	select {
-	case <-room:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	s.mu.Lock()
-	return nil
-}
+// beginDelivery marks goroutine g as running the application's code
+// where the session's reader does, until endDelivery.
+func (s *session) beginDelivery(g uint64) { s.runner.Store(g) }
 
-// beginDelivery marks the application's code as running on the session's
-// reader, and wakes the senders waiting for acknowledgements, which the
-// reader no longer reads, to wait for the writer instead.
-func (s *session) beginDelivery() {
-	s.delivering.Store(true)
-	if s.waiting.Load() > 0 {
-		s.mu.Lock()
-		s.wakeLocked()
-		s.mu.Unlock()
-	}
-}
+func (s *session) endDelivery() { s.runner.Store(0) }
 
-func (s *session) endDelivery() { s.delivering.Store(false) }
+// goroutineID returns the number of the calling goroutine, from the first
+// line of its stack trace. It costs about a microsecond: a reader reads it
+// once, and send only when a log is full, to tell the session's own reader
+// from the other senders, which may wait for acknowledgements.
+func goroutineID() uint64 {
+	var buf [32]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	var id uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			break
+		}
+		id = id*10 + uint64(c-'0')
+	}
+	return id
+}
 
 // deliverTo runs fn, the application's code, on the session's reader or
 // the goroutine that will start it, marked as such (see send). s may be
@@ -295,7 +287,7 @@ func deliverTo(s *session, fn func()) {
 		fn()
 		return
 	}
-	s.beginDelivery()
+	s.beginDelivery(goroutineID())
 	defer s.endDelivery()
 	fn()
 }

@@ -680,18 +680,29 @@ func TestSessionSendsFromCallbacks(t *testing.T) {
 }
 
 func TestSessionLogBoundWhileHandlerHoldsALostConnection(t *testing.T) {
-	// While OnMessage holds the reader and the connection is gone under
-	// it, the log still has a bound, of overrun times its size.
+	// OnMessage, on the reader, sends without waiting for the acks that
+	// reader cannot read; when the connection is gone under it, the log
+	// still stops at overrun times its bound.
 	conns := make(chan *Conn, 1)
 	_, addr := startServer(t, WithSessions(Sessions{}), WithOnConnOpen(func(c *Conn) { conns <- c }))
-	in := make(chan struct{}, 1)
-	release := make(chan struct{})
 	const bound = 16 << 10
-	c := newTestClient(t, addr, WithResume(bound), WithOnMessage(func([]byte) {
+	in := make(chan struct{}, 1)
+	down := make(chan struct{})
+	filled := make(chan error, 1)
+	var c *Client
+	client := make(chan *Client, 1)
+	c = newTestClient(t, addr, WithResume(bound), WithOnMessage(func([]byte) {
+		c := <-client
 		in <- struct{}{}
-		<-release
+		<-down
+		for {
+			if err := c.TrySend(make([]byte, 1024)); err != nil {
+				filled <- err
+				return
+			}
+		}
 	}))
-	defer close(release)
+	client <- c
 	require.NoError(t, c.WaitConnected(testContext(t)))
 	require.NoError(t, recv(t, conns).Send(testContext(t), []byte("hold the reader")))
 	recv(t, in)
@@ -701,15 +712,11 @@ func TestSessionLogBoundWhileHandlerHoldsALostConnection(t *testing.T) {
 		defer c.sess.mu.Unlock()
 		return c.sess.link != nil && c.sess.link.isDown()
 	}, waitFor, time.Millisecond)
-	for i := 0; ; i++ {
-		err := c.TrySend(make([]byte, 1024))
-		if err != nil {
-			require.ErrorIs(t, err, ErrQueueFull)
-			break
-		}
-		require.Less(t, i, 1000, "the log takes everything")
-	}
-	require.LessOrEqual(t, c.sess.size(), overrun*bound)
+	close(down)
+	require.ErrorIs(t, recv(t, filled), ErrQueueFull)
+	n := c.sess.size()
+	require.Greater(t, n, bound, "OnMessage does not wait at the bound")
+	require.LessOrEqual(t, n, overrun*bound)
 }
 
 func TestSessionMessageLongerThanTheLog(t *testing.T) {
