@@ -443,11 +443,11 @@ type Sessions struct {
 	Window time.Duration
 	// BufferBytes bounds a session's log of unacknowledged messages to
 	// its client: Conn.Send waits for room, and TrySend fails with
-	// ErrQueueFull, while it is full. While the application's code runs
-	// on the session's reader (the handler, OnConnOpen, OnConnResume),
-	// which then reads no acknowledgements, Send waits for the
-	// connection's writer instead, and a client that lets the log grow by
-	// four times its bound (at least 8 MiB) is dropped as a slow
+	// ErrQueueFull, while it is full. A Send from the application's code
+	// that runs on the session's reader (the handler, OnConnOpen,
+	// OnConnResume), which reads no acknowledgements while it runs, waits
+	// for the connection's writer instead, and a client that lets the log
+	// grow by four times its bound (at least 8 MiB) is dropped as a slow
 	// consumer; the session resumes. The default is DefaultSessionBuffer
 	// (1 MiB).
 	BufferBytes int
