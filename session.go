@@ -46,11 +46,11 @@ func newSessionID() sessionID {
 }
 
 // The receiver of a session acknowledges after every ackEvery messages or
-// ackBytes bytes, when its input runs dry if the last ack is at least
-// ackDelay old, and with every ping it answers (the server) or pong it
-// receives (the client). A burst is therefore acknowledged within one
-// ackDelay of its end, or at the latest with the next heartbeat, and a
-// stream costs an ack frame per ackEvery messages at most.
+// ackBytes bytes, when its input runs dry (at once if the last ack is at
+// least ackDelay old, or else by a timer once it is), and with every ping
+// it answers (the server) or pong it receives (the client). A burst is
+// therefore acknowledged within ackDelay of its end, and a stream costs
+// about an ack frame per ackDelay, or per ackEvery messages.
 const (
 	ackEvery = 256
 	ackBytes = 64 << 10
