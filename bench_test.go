@@ -29,11 +29,11 @@ func sizeName(n int) string {
 	return fmt.Sprintf("%dB", n)
 }
 
-// benchClient connects a client, with heartbeats off so that only the
-// measured traffic moves, to a server built from opts.
-func benchClient(b *testing.B, clientOpts []ClientOption, serverOpts ...ServerOption) *Client {
+// benchServer serves a server built from opts on a loopback listener
+// until the benchmark ends, and returns it and its address.
+func benchServer(b *testing.B, opts ...ServerOption) (*Server, string) {
 	b.Helper()
-	s, err := NewServer(append([]ServerOption{WithLogger(quietLogger()), WithHeartbeatTimeout(-1)}, serverOpts...)...)
+	s, err := NewServer(append([]ServerOption{WithLogger(quietLogger())}, opts...)...)
 	require.NoError(b, err)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(b, err)
@@ -43,7 +43,15 @@ func benchClient(b *testing.B, clientOpts []ClientOption, serverOpts ...ServerOp
 		s.Close()
 		<-served
 	})
-	c, err := NewClient(l.Addr().String(), append([]ClientOption{WithLogger(quietLogger()), WithPingInterval(-1)}, clientOpts...)...)
+	return s, l.Addr().String()
+}
+
+// benchClient connects a client, with heartbeats off so that only the
+// measured traffic moves, to a server built from opts.
+func benchClient(b *testing.B, clientOpts []ClientOption, serverOpts ...ServerOption) *Client {
+	b.Helper()
+	_, addr := benchServer(b, append([]ServerOption{WithHeartbeatTimeout(-1)}, serverOpts...)...)
+	c, err := NewClient(addr, append([]ClientOption{WithLogger(quietLogger()), WithPingInterval(-1)}, clientOpts...)...)
 	require.NoError(b, err)
 	b.Cleanup(func() { c.Close() })
 	c.Start()

@@ -279,13 +279,6 @@ func (l *link) waitRoom(ctx context.Context) error {
 	return nil
 }
 
-// fits checks p against the longest message the peer accepts.
-func (l *link) fits(p []byte) error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return checkPayload(p, l.maxSend)
-}
-
 // pushIfRoom queues message p of a session if the stream queue has room,
 // and reports full if not. It reports pushed false, and full false, if the
 // link is down or closing, or not yet open.

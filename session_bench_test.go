@@ -228,25 +228,12 @@ func BenchmarkSessionMemory(b *testing.B) {
 	perClient := func(after, before uint64) float64 {
 		return (float64(after) - float64(before)) / n
 	}
-	serve := func(b *testing.B, opts ...ServerOption) (*Server, string) {
-		s, err := NewServer(append([]ServerOption{WithLogger(quietLogger())}, opts...)...)
-		require.NoError(b, err)
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		require.NoError(b, err)
-		served := make(chan error, 1)
-		go func() { served <- s.Serve(l) }()
-		b.Cleanup(func() {
-			s.Close()
-			<-served
-		})
-		return s, l.Addr().String()
-	}
 	// idle connects the clients and returns the server's heap and stacks
 	// per client once it has received as many pings as there are clients:
 	// about one from each, at one every 5 s.
 	idle := func(b *testing.B, resume bool, opts ...ServerOption) (*Server, *idleClients, float64, float64) {
 		var pings atomic.Int64
-		s, addr := serve(b, append(opts, WithOnPing(func(*Conn) { pings.Add(1) }))...)
+		s, addr := benchServer(b, append(opts, WithOnPing(func(*Conn) { pings.Add(1) }))...)
 		heap0, stack0 := heapInUse()
 		p := startIdleClients(b, addr, n, resume)
 		waitServer(b, s, "clients open", func(st ServerStats) bool { return st.Live == n })
@@ -319,18 +306,8 @@ type resumeClient struct {
 func benchResume(b *testing.B, backoff Backoff) {
 	const n = resumeClients
 	var resumes atomic.Int64
-	s, err := NewServer(WithLogger(quietLogger()), WithSessions(Sessions{}),
-		WithOnConnResume(func(*Conn) { resumes.Add(1) }))
-	require.NoError(b, err)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(b, err)
-	served := make(chan error, 1)
-	go func() { served <- s.Serve(l) }()
-	b.Cleanup(func() {
-		s.Close()
-		<-served
-	})
-	proxy, err := vgotest.NewProxy(l.Addr().String())
+	_, addr := benchServer(b, WithSessions(Sessions{}), WithOnConnResume(func(*Conn) { resumes.Add(1) }))
+	proxy, err := vgotest.NewProxy(addr)
 	require.NoError(b, err)
 	b.Cleanup(func() { proxy.Close() })
 
