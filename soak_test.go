@@ -159,8 +159,9 @@ func TestSoak(t *testing.T) {
 		}
 	}
 
+	// The handler takes mu, and Close waits for the handlers: mu is let go
+	// before the server is closed.
 	mu.Lock()
-	defer mu.Unlock()
 	assert.Empty(t, problems)
 	var sent, got, failed, lostWithConn int
 	for i, s := range senders {
@@ -185,6 +186,7 @@ func TestSoak(t *testing.T) {
 		*soakFor, faults, stats.Accepted, sent, got, failed, lostWithConn)
 	assert.Equal(t, sent, got+failed+lostWithConn)
 	assert.Positive(t, got)
+	mu.Unlock()
 
 	for _, s := range senders {
 		require.NoError(t, s.client.Close())
