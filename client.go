@@ -407,10 +407,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 // readLoop is the connection's only reader. It answers pings, measures
 // pongs and hands messages to the message callback.
 func (c *Client) readLoop(l *link, hb *heartbeat) {
-	var g uint64 // this goroutine's number, for a session (see session.send)
-	if l.sess != nil {
-		g = goroutineID()
-	}
+	g := readerID(l)
 	for {
 		t, p, err := l.fr.next()
 		if err != nil {
@@ -419,25 +416,14 @@ func (c *Client) readLoop(l *link, hb *heartbeat) {
 		}
 		switch t {
 		case frameData:
-			s := l.sess
-			if s != nil && l.cause() != nil {
-				// Down: what is still buffered is not counted,
-				// and comes again on resume.
-				return
-			}
-			c.stats.msgsIn.Add(1)
-			c.stats.bytesIn.Add(uint64(len(p)))
-			if s != nil {
-				s.beginDelivery(g)
-			}
-			if fn := c.opts.onMessage; fn != nil {
-				fn(p)
-			}
-			if s != nil {
-				s.endDelivery()
-				if !acknowledge(l, s, len(p)) {
-					return
+			if !deliverMessage(l, g, len(p), func() {
+				c.stats.msgsIn.Add(1)
+				c.stats.bytesIn.Add(uint64(len(p)))
+				if fn := c.opts.onMessage; fn != nil {
+					fn(p)
 				}
+			}) {
+				return
 			}
 		case frameAck:
 			if err := takeAck(l, p); err != nil {

@@ -476,10 +476,7 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 // heartbeat deadline, so a silent peer ends the loop with
 // ErrHeartbeatTimeout.
 func (s *Server) readLoop(c *Conn) error {
-	var g uint64 // this goroutine's number, for a session (see session.send)
-	if c.l.sess != nil {
-		g = goroutineID()
-	}
+	g := readerID(c.l)
 	for {
 		t, p, err := c.l.fr.next()
 		if err != nil {
@@ -490,23 +487,12 @@ func (s *Server) readLoop(c *Conn) error {
 		}
 		switch t {
 		case frameData:
-			ss := c.l.sess
-			if ss != nil {
-				if c.l.cause() != nil {
-					// Down: what is still buffered is not
-					// counted, and comes again on resume.
-					return nil
+			if !deliverMessage(c.l, g, len(p), func() {
+				if fn := s.opts.handler; fn != nil {
+					fn(c, p)
 				}
-				ss.beginDelivery(g)
-			}
-			if fn := s.opts.handler; fn != nil {
-				fn(c, p)
-			}
-			if ss != nil {
-				ss.endDelivery()
-				if !acknowledge(c.l, ss, len(p)) {
-					return nil
-				}
+			}) {
+				return nil
 			}
 		case frameAck:
 			if err := takeAck(c.l, p); err != nil {
@@ -809,9 +795,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// the others, nor Shutdown its context.
 	conns := s.stop()
 	closeCtx, cancel := context.WithTimeout(ctx, closeFrameTimeout)
+	// A client with a session is sent a goodbye even with no drain
+	// window, with the flag that its session ends.
+	window := binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow))
+	endsSession := append(window[:4:4], goodbyeEndsSession)
 	var goodbye []byte
 	if s.opts.drainWindow > 0 {
-		goodbye = binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow))
+		goodbye = window
 	}
 	for _, c := range conns {
 		// Only a connection that has the server's hello may be sent a
@@ -823,7 +813,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			// A client with a session is told that it ends, so that it
 			// starts a new one rather than ask the next server for it.
 			ackAll(c.l)
-			c.l.queueFrame(frameGoodbye, append(binary.BigEndian.AppendUint32(nil, millis(s.opts.drainWindow)), goodbyeEndsSession))
+			c.l.queueFrame(frameGoodbye, endsSession)
 		case goodbye != nil:
 			// Ahead of the close frame, so the client has it when it
 			// plans its reconnect.

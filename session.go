@@ -279,6 +279,36 @@ func goroutineID() uint64 {
 	return id
 }
 
+// readerID returns the number of the goroutine reading l, for a link with
+// a session (see session.send), and 0 for one without.
+func readerID(l *link) uint64 {
+	if l.sess == nil {
+		return 0
+	}
+	return goroutineID()
+}
+
+// deliverMessage runs deliver, which hands a data message of n bytes read
+// on l to the application, on l's reader, goroutine g. With a session it
+// marks deliver as the session's own code (see send), then counts and
+// acknowledges the message; and once l is down it hands over nothing more,
+// since what is still buffered is not counted and comes again on resume.
+// It reports false when the reader should stop.
+func deliverMessage(l *link, g uint64, n int, deliver func()) bool {
+	s := l.sess
+	if s == nil {
+		deliver()
+		return true
+	}
+	if l.cause() != nil {
+		return false
+	}
+	s.beginDelivery(g)
+	deliver()
+	s.endDelivery()
+	return acknowledge(l, s, n)
+}
+
 // deliverTo runs fn, the application's code, on the session's reader or
 // the goroutine that will start it, marked as such (see send). s may be
 // nil.
