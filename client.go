@@ -385,6 +385,7 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	}
 	wg.Wait()
 	l.wait()
+	l.release()
 	err := l.cause()
 	if c.sess != nil {
 		c.sess.detach(l)
@@ -409,7 +410,12 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 func (c *Client) readLoop(l *link, hb *heartbeat) {
 	g := readerID(l)
 	for {
-		t, p, err := l.fr.next()
+		err := l.awaitInput()
+		var t frameType
+		var p []byte
+		if err == nil {
+			t, p, err = l.fr.next()
+		}
 		if err != nil {
 			endRead(l, err)
 			return

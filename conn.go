@@ -10,6 +10,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -22,11 +23,15 @@ var errPeerClosed = fmt.Errorf("vgo: connection closed by peer: %w", io.EOF)
 const closeFrameTimeout = 250 * time.Millisecond
 
 // Every frame a connection sends goes through one write path. Senders
-// append encoded frames to the link's queues and return at once; one writer
-// goroutine, started when work arrives and gone once the queues drain,
-// writes them out, each write under the write timeout. Nothing that keeps
-// time (the pinger, the server's reader, a teardown) ever waits on the
-// socket, so a stuck peer is always found by its timer.
+// append encoded frames to the link's queues and return without waiting on
+// the socket. One writer at a time writes them out: the writer goroutine,
+// started when work arrives and gone once the queues drain, each of its
+// writes under the write timeout; or, on a plain TCP socket, a sender that
+// finds the link idle in a conversation writes its own frames with one
+// system call that does not wait, and hands what the socket did not take
+// to the writer goroutine (startLocked). Nothing that keeps time (the
+// pinger, the server's reader, a teardown) ever waits on the socket, so a
+// stuck peer is always found by its timer.
 //
 // There are two queues. The stream queue holds data and the frames that
 // must stay in order with it (hello, goodbye, close). The heartbeat queue
@@ -75,15 +80,38 @@ type link struct {
 	maxSend    int
 	fragments  bool
 	stream     *buffer // stream frames waiting, in order; nil while idle
-	inflight   int     // stream bytes the writer has taken but not yet written
 	beats      []byte  // pings, pongs and acks waiting
 	beatsSpare []byte  // the last written beats, reused
 	// ackAt is where in beats the ack waiting to be written starts, -1
 	// for none: a newer ack overwrites it rather than queue behind it.
-	ackAt   int
-	writing bool  // the writer goroutine is running
+	ackAt int
+	// writing says someone holds the writer's role: the writer goroutine,
+	// or a sender writing directly (writeDirectLocked).
+	writing bool
 	closed  bool  // set by shutdown or a failed write: nothing more is queued
 	closing error // the cause closeWith will shut down with
+	// The writer's place, kept by whoever holds the role: the batch of
+	// the stream being written, how much of it has gone out, and where
+	// the piece being written ends. beatsOut is what is left of the
+	// heartbeats of a write the socket took only part of; beatsTaken is
+	// the buffer they are in.
+	batch      *buffer
+	off        int
+	pieceEnd   int
+	beatsOut   []byte
+	beatsTaken []byte
+	// deadlineSet says the writer goroutine left a write deadline on the
+	// connection, which would refuse a direct write once it passed.
+	deadlineSet bool
+	// rc is the socket of a plain TCP link, for writes that do not wait
+	// and for waiting for input without a buffer; nil over TLS or a
+	// connection that is not a socket.
+	rc     syscall.RawConn
+	direct directWrite
+	// heardAt is the count of reads that returned bytes when the last
+	// direct write began: a sender writes directly only once something
+	// has arrived since (startLocked).
+	heardAt uint64
 	// Waiters for the writer's progress: those whose context can end wait
 	// on progress, closed and replaced after every write; the others on
 	// cond, which spares them a channel each time.
@@ -131,11 +159,13 @@ func newLink(nc, raw net.Conn, o *commonOptions, closedErr error) *link {
 		ackAt:        -1,
 	}
 	l.cond.L = &l.mu
+	if nc == raw {
+		l.rc = rawSocket(raw)
+	}
+	l.rd = &deadlineReader{conn: nc, rc: l.rc}
 	// Until the hello exchange completes only a hello, or a close, is
 	// read, so no peer can make us allocate before it has said who it is.
-	l.fr = newFrameReader(nil, 0)
-	l.rd = &deadlineReader{conn: nc, frames: &l.fr.frames}
-	l.fr.br.Reset(l.rd)
+	l.fr = newLinkReader(l.rd)
 	l.fr.handshake = true
 	l.writeFn = l.writeLoop
 	limitUnsent(raw)
@@ -159,18 +189,20 @@ func (l *link) established(idle time.Duration, maxData int, peer hello, reply []
 	l.fr.maxData = maxData
 	l.fr.handshake = false
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
 		return false
 	}
 	if peer.maxMessage > 0 {
 		l.fragments = true
 		l.maxSend = min(l.maxSend, peer.maxMessage)
 	}
-	if reply != nil {
-		l.queueFrameLocked(frameHello, reply)
-	}
 	l.ready = true
+	direct := false
+	if reply != nil {
+		direct = l.queueFrameLocked(frameHello, reply)
+	}
+	l.unlock(direct)
 	return true
 }
 
@@ -206,14 +238,9 @@ func (l *link) shutdown(err error) error {
 // wait returns once the writer has exited; call it after shutdown.
 func (l *link) wait() { l.writers.Wait() }
 
-// release lets go of the read buffers of a link whose reader has exited,
-// for a session that keeps its last link while suspended.
-func (l *link) release() {
-	if l.fr.want < 0 {
-		putBuffer(l.fr.held)
-	}
-	l.fr.held, l.fr.br = nil, nil
-}
+// release gives the read buffers of a link whose reader has exited back to
+// the pool; a suspended session keeps its last link, without them.
+func (l *link) release() { l.fr.release() }
 
 // cause returns why the link went down, or nil while it is up.
 func (l *link) cause() error {
@@ -247,8 +274,7 @@ func (l *link) offer(p []byte) error {
 		l.mu.Unlock()
 		return ErrQueueFull
 	}
-	l.appendMessageLocked(p)
-	l.mu.Unlock()
+	l.unlock(l.appendMessageLocked(p))
 	return nil
 }
 
@@ -284,14 +310,15 @@ func (l *link) waitRoom(ctx context.Context) error {
 // link is down or closing, or not yet open.
 func (l *link) pushIfRoom(p []byte) (pushed, full bool) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	switch {
 	case l.closed || l.closing != nil || !l.ready:
+		l.mu.Unlock()
 		return false, false
 	case l.queuedLocked() >= sendQueueLimit:
+		l.mu.Unlock()
 		return false, true
 	}
-	l.appendMessageLocked(p)
+	l.unlock(l.appendMessageLocked(p))
 	return true, false
 }
 
@@ -300,11 +327,11 @@ func (l *link) pushIfRoom(p []byte) (pushed, full bool) {
 // reports false if the link is down or closing, or not yet open.
 func (l *link) push(p []byte) bool {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed || l.closing != nil || !l.ready {
+		l.mu.Unlock()
 		return false
 	}
-	l.appendMessageLocked(p)
+	l.unlock(l.appendMessageLocked(p))
 	return true
 }
 
@@ -313,18 +340,21 @@ func (l *link) push(p []byte) bool {
 // queues nothing, if the link is down.
 func (l *link) queueAll(msgs [][]byte) (tooLong [][]byte, max int, ok bool) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed || l.closing != nil {
+		l.mu.Unlock()
 		return nil, 0, false
 	}
+	direct := false
 	for _, m := range msgs {
 		if len(m) > l.maxSend {
 			tooLong = append(tooLong, m)
 			continue
 		}
-		l.appendMessageLocked(m)
+		direct = l.appendMessageLocked(m) || direct
 	}
-	return tooLong, l.maxSend, true
+	max = l.maxSend
+	l.unlock(direct)
+	return tooLong, max, true
 }
 
 // queueFrame queues one frame on the stream, whatever room there is: the
@@ -332,17 +362,19 @@ func (l *link) queueAll(msgs [][]byte) (tooLong [][]byte, max int, ok bool) {
 // reports false if the link is down.
 func (l *link) queueFrame(t frameType, payload []byte) bool {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
 		return false
 	}
-	l.queueFrameLocked(t, payload)
+	l.unlock(l.queueFrameLocked(t, payload))
 	return true
 }
 
-func (l *link) queueFrameLocked(t frameType, payload []byte) {
+// queueFrameLocked appends a frame to the stream. Like startLocked, it
+// reports whether the caller is to write it (unlock).
+func (l *link) queueFrameLocked(t frameType, payload []byte) (direct bool) {
 	l.streamLocked().b = appendFrame(l.stream.b, t, payload)
-	l.startLocked()
+	return l.startLocked()
 }
 
 // beat queues a ping or a pong ahead of the stream. It never waits: a
@@ -365,8 +397,7 @@ func (l *link) beatLocked(t frameType, payload []byte) error {
 		return l.closedErr
 	}
 	l.beats = appendFrame(l.beats, t, payload)
-	l.startLocked()
-	l.mu.Unlock()
+	l.unlock(l.startLocked())
 	return nil
 }
 
@@ -421,8 +452,12 @@ func (l *link) maxMessage() int {
 	return l.maxSend
 }
 
+// queuedLocked returns how many bytes of the stream wait to be written.
 func (l *link) queuedLocked() int {
-	n := l.inflight
+	n := 0
+	if l.batch != nil {
+		n = len(l.batch.b) - l.off
+	}
 	if l.stream != nil {
 		n += len(l.stream.b)
 	}
@@ -437,8 +472,9 @@ func (l *link) streamLocked() *buffer {
 }
 
 // appendMessageLocked encodes message p onto the stream: one data frame,
-// or fragments when it is long and the peer reassembles them.
-func (l *link) appendMessageLocked(p []byte) {
+// or fragments when it is long and the peer reassembles them. Like
+// startLocked, it reports whether the caller is to write it (unlock).
+func (l *link) appendMessageLocked(p []byte) (direct bool) {
 	buf := l.streamLocked()
 	if len(p) <= fragmentSize || !l.fragments {
 		buf.b = appendFrame(buf.b, frameData, p)
@@ -454,78 +490,185 @@ func (l *link) appendMessageLocked(p []byte) {
 			rest = rest[n:]
 		}
 	}
-	l.startLocked()
+	return l.startLocked()
 }
 
-// startLocked starts the writer unless it runs.
-func (l *link) startLocked() {
-	if !l.writing {
-		l.writing = true
+// startLocked takes the writer's role for what the caller just queued,
+// unless someone holds it already. A link in a conversation, one that has
+// read bytes since its last direct write and has decoded all it read, is
+// likely to have nothing else to send for a while: there the caller
+// writes the frames itself with a system call that does not wait
+// (writeDirectLocked), sparing a goroutine's wake-up on either side of a
+// request and its reply, and startLocked reports direct. Otherwise it
+// starts the writer goroutine, which gathers what senders queue meanwhile
+// into large writes: a stream of messages with nothing coming back goes
+// that way after its first, and so do the replies to pipelined requests.
+func (l *link) startLocked() (direct bool) {
+	if l.writing {
+		return false
+	}
+	l.writing = true
+	if l.rc != nil && !l.fr.more.Load() && (len(l.beats) == 0 || l.stream == nil) {
+		if n := l.rd.reads.Load(); n != l.heardAt {
+			l.heardAt = n
+			return true
+		}
+	}
+	l.writers.Add(1)
+	go l.writeFn()
+	return false
+}
+
+// unlock releases l.mu, after writing what the caller queued if
+// startLocked left that to it.
+func (l *link) unlock(direct bool) {
+	if direct {
+		l.writeDirectLocked()
+		return
+	}
+	l.mu.Unlock()
+}
+
+// writeDirectLocked writes the frames just queued on the caller's
+// goroutine, with one system call that does not wait for room in the
+// socket, and hands whatever the socket did not take to the writer
+// goroutine. It is called with l.mu held and the writer's role taken, and
+// returns with l.mu released.
+func (l *link) writeDirectLocked() {
+	beats, piece := l.takeLocked()
+	p := piece
+	if len(beats) > 0 {
+		p = beats // startLocked let only one kind through
+	}
+	l.mu.Unlock()
+	n, err := l.tryWrite(p)
+	l.mu.Lock()
+	if err != nil {
+		// The write may have cut a frame short: no writer may follow it.
+		l.closed = true
+		l.idleLocked()
+		l.mu.Unlock()
+		l.shutdown(writeError(err))
+		return
+	}
+	l.wroteLocked(beats, piece, n)
+	if !l.closed && l.hasWorkLocked() {
+		// The socket is full, or more came meanwhile.
 		l.writers.Add(1)
 		go l.writeFn()
+	} else {
+		l.idleLocked()
 	}
+	l.mu.Unlock()
 }
 
-// writeLoop is the writer: it writes the heartbeat queue and the stream,
-// a piece of at most writeChunk stream bytes per write with the heartbeats
-// in front, until both are empty or the link is down. While it writes one
-// batch of the stream, senders append to the other buffer.
+// writeLoop is the writer goroutine: it writes the heartbeat queue and the
+// stream, a piece of at most writeChunk stream bytes per write with the
+// heartbeats in front, until both are empty or the link is down. While it
+// writes one batch of the stream, senders append to the other buffer.
 func (l *link) writeLoop() {
 	defer l.writers.Done()
-	var (
-		batch *buffer // stream frames taken from the queue, written from off
-		off   int
-		err   error
-	)
+	var err error
 	l.mu.Lock()
 	for !l.closed {
-		if batch == nil || off == len(batch.b) {
-			if batch != nil {
-				batch.b = batch.b[:0]
+		beats, piece := l.takeLocked()
+		if len(beats) == 0 && len(piece) == 0 {
+			if !l.deadlineSet {
+				break
 			}
-			batch, l.stream = l.stream, batch
-			off = 0
+			// Clear the write deadline before giving up the role, so
+			// that a direct write does not find it passed.
+			l.deadlineSet = false
+			l.mu.Unlock()
+			err = l.nc.SetWriteDeadline(time.Time{})
+			l.mu.Lock()
+			if err != nil {
+				l.closed = true
+				break
+			}
+			continue
 		}
-		var piece []byte
-		if batch != nil {
-			piece = batch.b[off:chunkEnd(batch.b, off, writeChunk)]
-			l.inflight = len(batch.b) - off
-		}
-		if len(piece) == 0 && len(l.beats) == 0 {
-			break
-		}
-		beats := l.beats
-		l.beats, l.beatsSpare = l.beatsSpare[:0], nil
-		l.ackAt = -1
 		l.mu.Unlock()
-
 		err = l.writeOut(beats, piece)
-
 		l.mu.Lock()
-		l.beatsSpare = beats[:0]
-		off += len(piece)
-		l.inflight -= len(piece)
-		l.signalLocked()
 		if err != nil {
 			// The write may have cut a frame short: no writer may
 			// follow it onto the stream.
 			l.closed = true
 			break
 		}
+		l.wroteLocked(beats, piece, len(beats)+len(piece))
 	}
-	// Idle or down: the buffers go back to the pool.
+	l.idleLocked()
+	l.mu.Unlock()
+	if err != nil {
+		l.shutdown(writeError(err))
+	}
+}
+
+// takeLocked returns the next write: the rest of one the socket took only
+// part of, which may end inside a frame and so goes before anything else;
+// or the heartbeats waiting and the next piece of the stream.
+func (l *link) takeLocked() (beats, piece []byte) {
+	if l.beatsOut != nil || l.batch != nil && l.off < l.pieceEnd {
+		if l.batch != nil {
+			piece = l.batch.b[l.off:l.pieceEnd]
+		}
+		return l.beatsOut, piece
+	}
+	if l.batch == nil || l.off == len(l.batch.b) {
+		if l.batch != nil {
+			l.batch.b = l.batch.b[:0]
+		}
+		l.batch, l.stream = l.stream, l.batch
+		l.off, l.pieceEnd = 0, 0
+	}
+	if l.batch != nil {
+		l.pieceEnd = chunkEnd(l.batch.b, l.off, writeChunk)
+		piece = l.batch.b[l.off:l.pieceEnd]
+	}
+	if len(l.beats) > 0 {
+		beats = l.beats
+		l.beatsTaken = beats
+		l.beats, l.beatsSpare = l.beatsSpare[:0], nil
+		l.ackAt = -1
+	}
+	return beats, piece
+}
+
+// wroteLocked records that the first n bytes of a write of beats, then
+// piece, went out, and wakes those waiting for room.
+func (l *link) wroteLocked(beats, piece []byte, n int) {
+	nb := min(n, len(beats))
+	if nb < len(beats) {
+		l.beatsOut = beats[nb:]
+	} else {
+		l.beatsOut = nil
+		if l.beatsTaken != nil {
+			l.beatsSpare, l.beatsTaken = l.beatsTaken[:0], nil
+		}
+	}
+	l.off += n - nb
+	l.signalLocked()
+}
+
+// hasWorkLocked reports whether anything waits to be written.
+func (l *link) hasWorkLocked() bool {
+	return l.beatsOut != nil || len(l.beats) > 0 || l.queuedLocked() > 0
+}
+
+// idleLocked gives up the writer's role, the link idle or down: the
+// buffers go back to the pool.
+func (l *link) idleLocked() {
 	l.writing = false
-	l.inflight = 0
-	putBuffer(batch)
+	putBuffer(l.batch)
+	l.batch, l.off, l.pieceEnd = nil, 0, 0
+	l.beatsOut, l.beatsTaken = nil, nil
 	if l.stream != nil && (l.closed || len(l.stream.b) == 0) {
 		putBuffer(l.stream)
 		l.stream = nil
 	}
 	l.signalLocked()
-	l.mu.Unlock()
-	if err != nil {
-		l.shutdown(writeError(err))
-	}
 }
 
 // writeOut writes beats, then piece, in one system call where it can.
@@ -535,6 +678,7 @@ func (l *link) writeOut(beats, piece []byte) error {
 	var deadline time.Time
 	if l.writeTimeout > 0 {
 		deadline = time.Now().Add(l.writeTimeout)
+		l.deadlineSet = true
 	}
 	if err := l.nc.SetWriteDeadline(deadline); err != nil {
 		return err
@@ -659,40 +803,4 @@ func readError(err error) error {
 		return fmt.Errorf("vgo: connection closed inside a frame: %w", err)
 	}
 	return err
-}
-
-// deadlineReader sets the read deadline before each read of the socket, so
-// that silence is detected without a timer goroutine per connection. While
-// fixed is set (during the handshake) every read shares that deadline.
-// Afterwards, with idle set, the deadline is idle after the last read that
-// followed a complete frame (a fragment counts): bytes that never make up
-// a frame do not push it forward, so a peer cannot stay alive by trickling
-// them.
-type deadlineReader struct {
-	conn  net.Conn
-	fixed time.Time
-	idle  time.Duration
-	// frames counts the frames decoded so far; the frame reader keeps it.
-	frames *atomic.Uint64
-	seen   uint64    // frames at the last push of the deadline
-	next   time.Time // the idle deadline
-	set    time.Time // the deadline in force on conn
-}
-
-func (r *deadlineReader) Read(p []byte) (int, error) {
-	deadline := r.fixed
-	if deadline.IsZero() && r.idle > 0 {
-		if n := r.frames.Load(); r.next.IsZero() || n != r.seen {
-			r.seen = n
-			r.next = time.Now().Add(r.idle)
-		}
-		deadline = r.next
-	}
-	if !deadline.Equal(r.set) {
-		if err := r.conn.SetReadDeadline(deadline); err != nil {
-			return 0, err
-		}
-		r.set = deadline
-	}
-	return r.conn.Read(p)
 }

@@ -72,11 +72,17 @@
 //
 // Client, Server and Conn methods are safe for concurrent use. Each
 // connection has exactly one reader goroutine and one write path: Send,
-// the pinger, the reader's pongs and every teardown queue frames, and a
-// single writer goroutine, running only while there is something to write,
-// writes them in order, each write bounded by the write timeout. Pings,
-// pongs and acks go ahead of queued data and between the fragments of a
-// long message, so nothing that keeps time ever waits on the socket. Callbacks run on the library's
+// the pinger, the reader's pongs and every teardown queue frames, and one
+// writer at a time writes them in order. That is a writer goroutine,
+// running only while there is something to write, each of its writes
+// bounded by the write timeout; or, on a plain TCP connection that is idle
+// and has just received something, the sender itself, with one write that
+// never waits (what the socket does not take goes to the writer
+// goroutine), so that a reply leaves without waking another goroutine.
+// Pings, pongs and acks go ahead of queued data and between the fragments
+// of a long message, so nothing that keeps time ever waits on the socket.
+// An idle connection holds no read buffer on a plain TCP socket, and its
+// reader waits with a small stack. Callbacks run on the library's
 // goroutines but never under its locks, and those of one client arrive in
 // order: connect, then messages and pongs, then disconnect, then reconnect
 // attempts. A message callback runs on the reader, so a slow callback slows

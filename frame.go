@@ -1,7 +1,6 @@
 package vgo
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -125,20 +124,41 @@ func (e *protocolError) Unwrap() error        { return e.err }
 // messages back together. The payload it returns aliases a buffer that the
 // next call reuses or gives back to the pool.
 type frameReader struct {
-	br      *bufio.Reader
+	// src is the stream; link is src too when it is a link's, whose
+	// socket lets the buffer go while the connection is idle.
+	src  io.Reader
+	link *deadlineReader
+	// buf holds bytes read from src, of which r:w are not yet decoded.
+	// It comes from the pool (read.go).
+	buf        []byte
+	bufp       *[]byte
+	r, w       int
+	readIdleFn func(fd uintptr) bool
+	readErr    error
+
 	maxData int
 	// handshake allows only a hello, or a close refusing one.
 	handshake bool
 	// frames counts the frames decoded, fragments included; the read
 	// deadline and the client's heartbeat watch it from other goroutines.
 	frames atomic.Uint64
+	// more says bytes of the next frame are already buffered: replies to
+	// what has been decoded are better gathered than written one by one.
+	more atomic.Bool
 
 	held *buffer // the pooled buffer of a payload handed out or a message being reassembled
 	want int     // the length of the message being reassembled, -1 when there is none
 }
 
 func newFrameReader(r io.Reader, maxData int) *frameReader {
-	return &frameReader{br: bufio.NewReader(r), maxData: maxData, want: -1}
+	return &frameReader{src: r, maxData: maxData, want: -1}
+}
+
+// newLinkReader returns the frame reader of a link, which reads from d.
+func newLinkReader(d *deadlineReader) *frameReader {
+	r := &frameReader{src: d, link: d, want: -1}
+	d.frames = &r.frames
+	return r
 }
 
 // next returns the next message or control frame. Fragments are not
@@ -171,7 +191,15 @@ func (r *frameReader) next() (frameType, []byte, error) {
 // frame reads one frame. A fragment's bytes go onto the message being
 // reassembled, and p is nil.
 func (r *frameReader) frame() (t frameType, p []byte, err error) {
-	hdr, err := r.br.Peek(headerSize)
+	if r.link != nil && r.link.rc != nil && r.r == r.w {
+		if err := r.link.arm(); err != nil {
+			return 0, nil, err
+		}
+		if err := r.awaitInput(); err != nil {
+			return 0, nil, err
+		}
+	}
+	hdr, err := r.peek(headerSize)
 	if err != nil {
 		if len(hdr) > 0 && errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
@@ -183,7 +211,7 @@ func (r *frameReader) frame() (t frameType, p []byte, err error) {
 	if err := r.check(t, n); err != nil {
 		return 0, nil, err
 	}
-	_, _ = r.br.Discard(headerSize) // cannot fail: the bytes are buffered
+	r.discard(headerSize)
 	switch t {
 	case frameFirst:
 		err = r.first(n)
@@ -199,6 +227,9 @@ func (r *frameReader) frame() (t frameType, p []byte, err error) {
 		return 0, nil, err
 	}
 	r.frames.Add(1)
+	if more := r.r < r.w; more != r.more.Load() {
+		r.more.Store(more)
+	}
 	return t, p, nil
 }
 
@@ -235,7 +266,7 @@ func (r *frameReader) check(t frameType, n int) error {
 // which the header is already read. The message length is checked against
 // the maximum before anything is allocated for it.
 func (r *frameReader) first(n int) error {
-	b, err := r.br.Peek(4)
+	b, err := r.peek(4)
 	if err != nil {
 		return err
 	}
@@ -249,7 +280,7 @@ func (r *frameReader) first(n int) error {
 	case n-4 > want:
 		return protocolErrorf("first fragment of %d bytes exceeds its message of %d", n-4, want)
 	}
-	_, _ = r.br.Discard(4)
+	r.discard(4)
 	r.want = want
 	r.held = getBuffer()
 	r.held.b, err = r.readInto(r.held.b, n-4)
@@ -259,12 +290,12 @@ func (r *frameReader) first(n int) error {
 // payload reads a frame's n payload bytes. Small ones are handed out
 // straight from the read buffer; larger ones are read into a pooled buffer.
 func (r *frameReader) payload(n int) ([]byte, error) {
-	if n <= r.br.Size() {
-		p, err := r.br.Peek(n)
+	if n <= readBufferSize {
+		p, err := r.peek(n)
 		if err != nil {
 			return nil, err
 		}
-		_, _ = r.br.Discard(n)
+		r.discard(n)
 		return p, nil
 	}
 	r.held = getBuffer()
@@ -280,9 +311,9 @@ func (r *frameReader) readInto(p []byte, n int) ([]byte, error) {
 	end := len(p) + n
 	for len(p) < end {
 		if len(p) == cap(p) {
-			p = slices.Grow(p, min(end-len(p), max(cap(p), r.br.Size())))
+			p = slices.Grow(p, min(end-len(p), max(cap(p), readBufferSize)))
 		}
-		m, err := r.br.Read(p[len(p):min(cap(p), end)])
+		m, err := r.Read(p[len(p):min(cap(p), end)])
 		p = p[:len(p)+m]
 		if err != nil {
 			return p, err

@@ -341,6 +341,11 @@ func (c *Client) hello(l *link, deadline time.Time, creds []byte) (time.Duration
 		}
 		return 0, handshakeError("send hello", err)
 	}
+	// The link's writes set deadlines of their own, or write only what
+	// the socket takes at once.
+	if err := l.nc.SetWriteDeadline(time.Time{}); err != nil {
+		return 0, err
+	}
 	t, p, err := l.fr.next()
 	if err != nil {
 		return 0, handshakeError("read hello", err)

@@ -34,7 +34,7 @@ type Server struct {
 
 	nextID atomic.Uint64
 	stats  serverStats
-	wg     sync.WaitGroup // one count per connection goroutine
+	wg     sync.WaitGroup // one count per goroutine serving a connection
 	done   chan struct{}  // closed when Shutdown or Close begins
 	// drained is closed once the server is closing and its last
 	// connection has been forgotten.
@@ -165,7 +165,6 @@ func (s *Server) accept(nc net.Conn) {
 		local:   nc.LocalAddr(),
 		trusted: trusted,
 	}
-	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String()})
 	raw := nc
 	if s.opts.tlsConfig != nil {
 		c.underTLS = &underTLS{Conn: nc}
@@ -225,8 +224,8 @@ func (s *Server) closeRaw(nc net.Conn, payload []byte) {
 	nc.Close()
 }
 
-// serveConn runs one connection: handshake, then the read loop, then the
-// teardown, all on this one goroutine.
+// serveConn runs the handshake of one connection, then hands it to a
+// goroutine of its own for the rest (serveFrames).
 func (s *Server) serveConn(c *Conn) {
 	defer s.wg.Done()
 
@@ -234,11 +233,11 @@ func (s *Server) serveConn(c *Conn) {
 	if err != nil {
 		if errors.Is(err, errProbe) {
 			s.stats.probes.Add(1)
-			if debugEnabled(c.log) {
-				c.log.Debug("health probe: closed before its hello")
+			if debugEnabled(c.srv.log) {
+				c.logger().Debug("health probe: closed before its hello")
 			}
 		} else {
-			c.log.WithField("err", err).Warn("handshake failed")
+			c.logger().WithField("err", err).Warn("handshake failed")
 			switch {
 			case errors.Is(err, ErrUnauthorized):
 				s.stats.auth.Add(1)
@@ -248,6 +247,7 @@ func (s *Server) serveConn(c *Conn) {
 		}
 		c.end(err)
 		c.l.wait()
+		c.l.release()
 		s.forget(c)
 		return
 	}
@@ -256,21 +256,34 @@ func (s *Server) serveConn(c *Conn) {
 		// From here on the connection serves the session it resumed.
 		c = resumed
 		s.stats.resumes.Add(1)
-		c.log.WithField("session", c.sess.Load().id.String()).Info("client resumed its session")
+		c.logger().WithField("session", c.sess.Load().id.String()).Info("client resumed its session")
 		if fn := s.opts.onConnResume; fn != nil {
 			deliverTo(c.sess.Load(), func() { fn(c) })
 		}
 	default:
-		c.log.Info("client connected")
+		c.logger().Info("client connected")
 		if fn := s.opts.onConnOpen; fn != nil {
 			deliverTo(c.sess.Load(), func() { fn(c) })
 		}
 	}
+	// The handshake, its log lines and the callbacks have grown this
+	// goroutine's stack, which the runtime never shrinks while the
+	// goroutine waits in a read; a fresh one, which waits with a few
+	// frames, keeps the smallest stack for as long as the connection
+	// stays idle.
+	s.wg.Add(1)
+	go s.serveFrames(c)
+}
 
+// serveFrames runs the read loop of an open connection, then its
+// teardown.
+func (s *Server) serveFrames(c *Conn) {
+	defer s.wg.Done()
 	c.end(s.readLoop(c))
 	c.l.wait()
+	c.l.release()
 	cause := c.l.cause()
-	log := c.log.WithField("err", cause)
+	log := c.logger().WithField("err", cause)
 	switch {
 	case errors.Is(cause, ErrProtocol):
 		s.stats.protocol.Add(1)
@@ -355,7 +368,7 @@ func (s *Server) greet(c *Conn, hp *hello) (time.Time, error) {
 		if err := c.awaitHello(); err != nil {
 			return deadline, err
 		}
-		if err := s.readProxyHeader(c, c.l.fr.br); err != nil {
+		if err := s.readProxyHeaderFrames(c); err != nil {
 			return deadline, err
 		}
 	}
@@ -478,7 +491,12 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 func (s *Server) readLoop(c *Conn) error {
 	g := readerID(c.l)
 	for {
-		t, p, err := c.l.fr.next()
+		err := c.l.awaitInput()
+		var t frameType
+		var p []byte
+		if err == nil {
+			t, p, err = c.l.fr.next()
+		}
 		if err != nil {
 			if c.l.cause() != nil {
 				return nil
@@ -499,8 +517,8 @@ func (s *Server) readLoop(c *Conn) error {
 				return err
 			}
 		case framePing:
-			if debugEnabled(c.log) {
-				c.log.Debug("received ping")
+			if debugEnabled(c.srv.log) {
+				c.logger().Debug("received ping")
 			}
 			if fn := s.opts.onPing; fn != nil {
 				fn(c)
@@ -520,7 +538,7 @@ func (s *Server) readLoop(c *Conn) error {
 // awaitHello waits for the first byte of what should be the hello, and
 // reports a connection that ends before sending one as a probe.
 func (c *Conn) awaitHello() error {
-	if _, err := c.l.fr.br.Peek(1); err != nil {
+	if _, err := c.l.fr.peek(1); err != nil {
 		if endedUnheard(err) {
 			return errProbe
 		}
@@ -552,6 +570,24 @@ func (s *Server) readProxyHeader(c *Conn, br *bufio.Reader) error {
 	}
 	s.useProxyHeader(c, h)
 	return nil
+}
+
+// readProxyHeaderFrames reads the PROXY header that may come ahead of the
+// frames of a plain TCP connection, and leaves what follows it to the
+// frame reader. A header is read through a small reader of its own, whose
+// bytes past the header go back.
+func (s *Server) readProxyHeaderFrames(c *Conn) error {
+	fr := c.l.fr
+	if b, _ := fr.peek(1); len(b) == 1 && b[0] != proxyproto.SIGV1[0] && b[0] != proxyproto.SIGV2[0] {
+		return nil
+	}
+	br := bufio.NewReaderSize(fr, proxyHeaderBuffer)
+	err := s.readProxyHeader(c, br)
+	if n := br.Buffered(); n > 0 {
+		rest, _ := br.Peek(n)
+		fr.unread(rest)
+	}
+	return err
 }
 
 // readProxyHeaderUnderTLS reads the PROXY header that a trusted source may
@@ -641,12 +677,10 @@ func (s *Server) useProxyHeader(c *Conn, h *proxyproto.Header) {
 	if h == nil || h.Command.IsLocal() || h.SourceAddr == nil {
 		return
 	}
-	proxy := c.remote
-	c.remote = h.SourceAddr
+	c.proxy, c.remote = c.remote, h.SourceAddr
 	if h.DestinationAddr != nil {
 		c.local = h.DestinationAddr
 	}
-	c.log = s.log.WithFields(logrus.Fields{"conn": c.id, "remote": c.remote.String(), "proxy": proxy.String()})
 }
 
 // trusts reports whether a connection from addr may send a PROXY header.
@@ -926,11 +960,11 @@ type Conn struct {
 	l   *link
 
 	// Set during the handshake, before the connection is open, and only
-	// read after that: a PROXY header replaces the addresses.
-	remote, local net.Addr
-	log           logrus.FieldLogger
-	underTLS      *underTLS // with TLS
-	trusted       bool      // its source may send a PROXY header
+	// read after that: a PROXY header replaces the addresses, and proxy
+	// is then the balancer's.
+	remote, local, proxy net.Addr
+	underTLS             *underTLS // with TLS
+	trusted              bool      // its source may send a PROXY header
 
 	opened  bool // guarded by srv.mu
 	working bool // in its handshake, with bytes received; guarded by srv.mu
@@ -938,7 +972,7 @@ type Conn struct {
 
 	// sess is the connection's session, nil without one; it is set as
 	// the connection opens. A session's Conn passes from connection to
-	// connection: l, the addresses, log, underTLS, trusted and sealed
+	// connection: l, the addresses, underTLS, trusted and sealed
 	// then change, under srv.mu, and are read under it by any goroutine
 	// but the one serving the connection.
 	sess atomic.Pointer[session]
@@ -955,6 +989,18 @@ type Conn struct {
 type connContext struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
+}
+
+// logger returns the connection's logger: the server's, with the
+// connection's ID and its client's address, and the balancer's behind a
+// PROXY header. It is made for each use, rarely (as the connection opens
+// and closes), so that a connection holds none.
+func (c *Conn) logger() logrus.FieldLogger {
+	fields := logrus.Fields{"conn": c.id, "remote": c.remote.String()}
+	if c.proxy != nil {
+		fields["proxy"] = c.proxy.String()
+	}
+	return c.srv.log.WithFields(fields)
 }
 
 // Conn returns the open connection with the given ID, if the server has

@@ -550,7 +550,7 @@ func (s *session) noteAck() uint64 {
 // handed to the application, and acknowledges it now or soon, as due. It
 // reports false if l is down.
 func acknowledge(l *link, s *session, n int) bool {
-	switch s.delivered(n, l.fr.br.Buffered() == 0) {
+	switch s.delivered(n, l.fr.buffered() == 0) {
 	case ackNow:
 		return l.ack(s.readerAck()) == nil
 	case ackSoon:
@@ -685,7 +685,7 @@ func (s *Server) claim(c *Conn, h hello, deadline time.Time) (*Conn, error) {
 		return nil, nil
 	case !reflect.DeepEqual(old.Identity(), c.Identity()):
 		s.mu.Unlock()
-		c.log.WithField("session", h.sessionID.String()).Warn("resume refused: the session belongs to another identity")
+		c.logger().WithField("session", h.sessionID.String()).Warn("resume refused: the session belongs to another identity")
 		return nil, nil
 	}
 	old.claimed = true
@@ -756,8 +756,7 @@ func (s *Server) unclaim(c *Conn) {
 // adoptLocked moves connection c, just opened, into the session's Conn
 // sc, which it serves from now on.
 func (s *Server) adoptLocked(sc, c *Conn) {
-	sc.l, sc.remote, sc.local = c.l, c.remote, c.local
-	sc.log = c.log.WithField("conn", sc.id)
+	sc.l, sc.remote, sc.local, sc.proxy = c.l, c.remote, c.local, c.proxy
 	sc.underTLS, sc.trusted, sc.sealed = c.underTLS, c.trusted, c.sealed
 	sc.opened, c.opened = true, false
 	sc.claimed = false
@@ -786,7 +785,7 @@ func (s *Server) leave(c *Conn, cause error) {
 	}
 	ends := endsSession(cause) || s.closing
 	suspends := !ends && !c.claimed
-	log := c.log
+	log := c.logger()
 	switch {
 	case ends:
 		s.dropLocked(c)
@@ -949,7 +948,7 @@ func (s *Server) closeSession(c *Conn, cause error) {
 		s.stats.expired.Add(1)
 	}
 	c.finish(cause)
-	c.log.WithFields(logrus.Fields{"session": c.sess.Load().id.String(), "unacked": unacked, "err": cause}).Info("session ended")
+	c.logger().WithFields(logrus.Fields{"session": c.sess.Load().id.String(), "unacked": unacked, "err": cause}).Info("session ended")
 	if fn := s.opts.onConnClose; fn != nil {
 		fn(c, cause)
 	}

@@ -1,0 +1,159 @@
+package vgo
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Tests of how a link uses its socket: writes made on the sender's
+// goroutine, and reads that hold no buffer while the connection is idle.
+
+func TestPartialWriteResumesWhereItStopped(t *testing.T) {
+	// Whatever part of a write the socket takes, the writer goes on from
+	// the next byte, and nothing queued meanwhile cuts in: the bytes out
+	// are the frames, whole and in order.
+	ping := appendFrame(nil, framePing, []byte("12345678"))
+	pong := appendFrame(nil, framePong, []byte("abcdefgh"))
+	data := appendFrame(appendFrame(nil, frameData, []byte("first")), frameData, []byte("second"))
+	late := appendFrame(nil, framePing, []byte("late...."))
+	want := bytes.Join([][]byte{ping, pong, data, late}, nil)
+	for n := 0; n <= len(ping)+len(pong)+len(data); n++ {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			l := &link{ackAt: -1, writing: true}
+			l.beats = append(append([]byte{}, ping...), pong...)
+			l.stream = &buffer{b: append([]byte{}, data...)}
+			var out []byte
+			beats, piece := l.takeLocked()
+			out = append(append(out, beats...), piece...)[:n]
+			l.wroteLocked(beats, piece, n)
+			// A ping queued while the socket was full waits its turn.
+			l.beats = append(l.beats, late...)
+			for l.hasWorkLocked() {
+				beats, piece := l.takeLocked()
+				require.NotZero(t, len(beats)+len(piece))
+				out = append(append(out, beats...), piece...)
+				l.wroteLocked(beats, piece, len(beats)+len(piece))
+			}
+			assert.Equal(t, want, out)
+		})
+	}
+}
+
+func TestDirectWriteRefusedGoesToWriter(t *testing.T) {
+	// A direct write that the socket refuses before trying, here for a
+	// write deadline that has passed, leaves its frames to the writer
+	// goroutine, which writes them under a deadline of its own.
+	conns := make(chan *Conn, 1)
+	_, addr := startServer(t, WithOnConnOpen(func(c *Conn) { conns <- c }))
+	r := dialHello(t, addr)
+	c := <-conns
+	require.NotNil(t, c.l.rc, "a plain TCP connection writes directly")
+	require.NoError(t, c.l.nc.SetWriteDeadline(time.Now().Add(-time.Second)))
+	for i := range 3 {
+		payload := []byte(fmt.Sprintf("ping %03d", i))
+		r.send(framePing, payload)
+		ft, p := r.next()
+		require.Equal(t, framePong, ft)
+		require.Equal(t, payload, p)
+	}
+}
+
+func TestDirectWriteHandsTheRestToWriter(t *testing.T) {
+	// A reply longer than the socket takes at once goes out in part from
+	// the handler's goroutine, and the writer goroutine sends the rest; a
+	// pong asked for meanwhile follows it, both whole.
+	msg := make([]byte, 900<<10)
+	for i := range msg {
+		msg[i] = byte(i * 7)
+	}
+	_, addr := startServer(t, WithHandler(func(c *Conn, _ []byte) { _ = c.Send(context.Background(), msg) }))
+	r := dialHello(t, addr)
+	r.send(frameData, []byte("go"))
+	// Once the reply has begun, a pong can only follow it.
+	require.NoError(t, r.nc.SetReadDeadline(time.Now().Add(waitFor)))
+	_, err := r.fr.peek(headerSize)
+	require.NoError(t, err)
+	r.send(framePing, []byte("12345678"))
+	ft, p := r.next()
+	require.Equal(t, frameData, ft)
+	require.Equal(t, msg, p)
+	ft, p = r.next()
+	require.Equal(t, framePong, ft)
+	require.Equal(t, []byte("12345678"), p)
+}
+
+func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
+	// The server's side of an idle connection, once it has answered a
+	// ping, holds less memory than its read buffer alone would take.
+	const n = 300
+	s, addr := startServer(t)
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	// Clients that read into a small buffer of their own, so that the
+	// heap grows by the server's side of each connection and little more.
+	before := heap()
+	clients := make([]net.Conn, n)
+	for i := range clients {
+		nc, err := net.DialTimeout("tcp", addr, waitFor)
+		require.NoError(t, err)
+		t.Cleanup(func() { nc.Close() })
+		_, err = nc.Write(append(rawHello(ProtocolVersion), appendFrame(nil, framePing, make([]byte, 8))...))
+		require.NoError(t, err)
+		clients[i] = nc
+	}
+	for _, nc := range clients {
+		require.NoError(t, nc.SetReadDeadline(time.Now().Add(waitFor)))
+		var b [256]byte
+		got := 0
+		for got == 0 || !bytes.Contains(b[:got], []byte{byte(framePong), 0, 0, 0, 8}) {
+			m, err := nc.Read(b[got:])
+			require.NoError(t, err)
+			got += m
+		}
+	}
+	require.Equal(t, n, s.Len())
+	perConn := (float64(heap()) - float64(before)) / n
+	t.Logf("heap per idle connection: %.0f B", perConn)
+	assert.Less(t, perConn, float64(readBufferSize), "idle connections hold their read buffers")
+}
+
+func TestUnreadPutsBytesBack(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		first int // bytes read through the reader before unread
+	}{
+		{"still in the buffer", 10},
+		{"buffer refilled", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stream := []byte("0123456789abcdefghijklmnopqrstuvwxyz")
+			r := newFrameReader(bytes.NewReader(stream), 0)
+			head := make([]byte, tc.first)
+			_, err := io.ReadFull(r, head)
+			require.NoError(t, err)
+			back := []byte("6789")
+			if tc.first == 0 {
+				back = []byte("??") // bytes the buffer never held
+			}
+			r.unread(back)
+			rest, err := io.ReadAll(r)
+			require.NoError(t, err)
+			want := append(append([]byte{}, back...), stream[tc.first:]...)
+			assert.Equal(t, string(want), string(rest))
+		})
+	}
+}
