@@ -142,7 +142,7 @@ type frameReader struct {
 	// frames counts the frames decoded, fragments included; the read
 	// deadline and the client's heartbeat watch it from other goroutines.
 	frames atomic.Uint64
-	// more says bytes of the next frame are already buffered: replies to
+	// more says the next frame is already buffered whole: replies to
 	// what has been decoded are better gathered than written one by one.
 	more atomic.Bool
 
@@ -227,7 +227,7 @@ func (r *frameReader) frame() (t frameType, p []byte, err error) {
 		return 0, nil, err
 	}
 	r.frames.Add(1)
-	if more := r.r < r.w; more != r.more.Load() {
+	if more := r.frameBuffered(); more != r.more.Load() {
 		r.more.Store(more)
 	}
 	return t, p, nil

@@ -2,6 +2,7 @@ package vgo
 
 import (
 	"bytes"
+	"encoding/binary"
 	"io"
 	"net"
 	"sync"
@@ -33,6 +34,12 @@ const maxEmptyReads = 100
 
 // buffered returns how many bytes have been read and not yet decoded.
 func (r *frameReader) buffered() int { return r.w - r.r }
+
+// frameBuffered reports whether the next frame is buffered whole.
+func (r *frameReader) frameBuffered() bool {
+	n := r.w - r.r
+	return n >= headerSize && n-headerSize >= int(binary.BigEndian.Uint32(r.buf[r.r+1:]))
+}
 
 // takeBuffer gives the reader a buffer from the pool.
 func (r *frameReader) takeBuffer() {
