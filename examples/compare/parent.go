@@ -270,7 +270,6 @@ func (p *parent) echo(ctx context.Context, cs caseSpec, k int, log *logrus.Entry
 		"messages": rep.Count, "window": rep.Window.Round(time.Millisecond),
 		"server_cpu": srvCPU.Round(time.Microsecond), "server_cpu_ticks": srvTicks,
 		"client_cpu": clCPU.Round(time.Microsecond), "machine_busy": percent(w0.machine.share(w1.machine)),
-		"other_cpu":  w0.machine.busyBetween(w1.machine) - srvCPU - clCPU,
 		"msgs_per_s": int(v[0]), "server_us_per_msg": fmt.Sprintf("%.2f", v[3]),
 	}).Info("echo measured")
 	return v, nil
@@ -339,7 +338,6 @@ func (p *parent) idle(ctx context.Context, cs caseSpec, k int, log *logrus.Entry
 		"pongs": rep.Count, "pongs_per_s": int(v[2]), "want_per_s": int(want),
 		"server_cpu": srvCPU.Round(time.Microsecond), "server_cpu_ticks": srvTicks,
 		"client_cpu": clCPU.Round(time.Microsecond), "machine_busy": percent(w0.machine.share(w1.machine)),
-		"other_cpu":  w0.machine.busyBetween(w1.machine) - srvCPU - clCPU,
 		"rss_before": rss0, "rss_after": rss1, "heap_before": before.HeapAlloc, "heap_after": after.HeapAlloc,
 		"stack_before": before.StackInuse, "stack_after": after.StackInuse, "goroutines": after.Goroutines,
 	}

@@ -160,11 +160,6 @@ func (m machineBusy) share(later machineBusy) float64 {
 	return float64(later.busy-m.busy) / float64(total)
 }
 
-// busyBetween returns the machine's busy CPU time between m and a later
-// reading. Less the time of the processes measured, it shows what else ran:
-// the kernel's interrupt work, and any other program.
-func (m machineBusy) busyBetween(later machineBusy) time.Duration { return later.busy - m.busy }
-
 // loadAverage returns the first three fields of /proc/loadavg.
 func loadAverage() string {
 	b, err := os.ReadFile("/proc/loadavg")
