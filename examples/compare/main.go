@@ -12,9 +12,9 @@
 // process's threads of the time on CPU from /proc/<pid>/task/<tid>/schedstat,
 // in nanoseconds (utime + stime from /proc/<pid>/stat, in 10 ms ticks,
 // where schedstat cannot be read); memory is VmRSS from /proc/<pid>/status.
-// The CPU figures include the kernel's work on the process's behalf, which on
-// loopback is most of the cost of a small message. Every child raises its
-// soft limit on open files to the hard limit.
+// The CPU figures include the time the kernel spends in the process's
+// system calls. Every child raises its soft limit on open files to the hard
+// limit.
 //
 // The machine's moments of noise are shared out fairly by interleaving: each
 // run measures the vgo server, then the plain one, or the other way round on
@@ -74,14 +74,14 @@
 //
 //	go run ./examples/compare
 //
-// runs both scenarios with the defaults, 5 runs each; it takes about ten
+// runs both scenarios with the defaults, 5 runs each; it takes about seven
 // minutes. The echo scenario alone, 3 runs, and the idle one with ten
 // thousand connections, one run:
 //
 //	go run ./examples/compare -scenario echo -runs 3
 //	go run ./examples/compare -scenario idle -runs 1
 //
-// A quick check that everything works takes under two minutes:
+// A quick check that everything works takes under a minute:
 //
 //	go run ./examples/compare -runs 1 -duration 2s -idle-conns 2000 -window 10s
 //

@@ -30,7 +30,7 @@ func writeSummary(w io.Writer, head summaryHead, results []*caseResult) {
 	fmt.Fprintf(w, "```sh\n%s\n```\n\n", head.command)
 	fmt.Fprintf(w, "Every run measures both servers, each with a new server process and a new client process: "+
 		"vgo first in odd runs, plain first in even ones. Medians over the runs, with the range (lowest–highest); "+
-		"the ratio is vgo ÷ plain, taken run by run. CPU times include the kernel's work for the process.\n")
+		"the ratio is vgo ÷ plain, taken run by run. CPU times include the kernel's time in the process's system calls.\n")
 	for _, res := range results {
 		fmt.Fprintf(w, "\n### %s\n\n", res.spec.title)
 		if len(res.runs) == 0 {
