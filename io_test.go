@@ -157,3 +157,26 @@ func TestUnreadPutsBytesBack(t *testing.T) {
 		})
 	}
 }
+
+func TestStaleCountsFromTheLastFrame(t *testing.T) {
+	// The server moves its socket's read deadline lazily, behind the
+	// heartbeat deadline; a peer that falls silent is still dropped a
+	// full timeout after its last frame, not earlier.
+	const timeout = 600 * time.Millisecond
+	closed := make(chan error, 1)
+	_, addr := startServer(t, WithHeartbeatTimeout(timeout), WithOnConnClose(func(_ *Conn, err error) { closed <- err }))
+	r := dialHello(t, addr)
+	for range 3 {
+		time.Sleep(timeout / 8) // the peer's pace: a ping well within the timeout
+		r.send(framePing, make([]byte, 8))
+		ft, _ := r.next()
+		require.Equal(t, framePong, ft)
+	}
+	last := time.Now()
+	err := recv(t, closed)
+	silent := time.Since(last)
+	require.ErrorIs(t, err, ErrHeartbeatTimeout)
+	// Less a margin for the pong's trip: last is taken after it.
+	assert.GreaterOrEqual(t, silent, timeout-timeout/6, "dropped before a timeout of silence")
+	t.Logf("dropped after %v of silence", silent)
+}

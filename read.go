@@ -3,8 +3,10 @@ package vgo
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -144,10 +146,14 @@ func (l *link) awaitInput() error {
 	if l.rc == nil || l.fr.r != l.fr.w {
 		return nil
 	}
-	if err := l.rd.arm(); err != nil {
-		return err
+	for {
+		if err := l.rd.arm(); err != nil {
+			return err
+		}
+		if err := l.fr.awaitInput(); !l.rd.early(err) {
+			return err
+		}
 	}
-	return l.fr.awaitInput()
 }
 
 // awaitInput reads the next bytes of a link's raw socket into an empty
@@ -191,6 +197,12 @@ func (r *frameReader) release() {
 // set, the deadline is idle after the last read that followed a complete
 // frame (a fragment counts): bytes that never make up a frame do not push
 // it forward, so a peer cannot stay alive by trickling them.
+//
+// On a raw socket the connection's deadline trails the idle deadline: it
+// is pushed only once it lags by more than half of idle, which, with pings
+// at a third of the timeout, halves the work of moving it. A read that
+// reaches it early is tried again (early), so silence is still found at
+// the idle deadline.
 type deadlineReader struct {
 	conn net.Conn
 	// rc is the link's raw socket, if it has one (link.rc).
@@ -201,37 +213,68 @@ type deadlineReader struct {
 	frames *atomic.Uint64
 	// reads counts the reads that returned bytes.
 	reads atomic.Uint64
-	seen  uint64    // frames at the last push of the deadline
+	seen  uint64    // frames when next was last moved
 	next  time.Time // the idle deadline
 	set   time.Time // the deadline in force on conn
+	// setIdle says set is an idle deadline, not the handshake's.
+	setIdle bool
 }
 
 // arm puts the deadline the next read must meet on the connection.
 func (d *deadlineReader) arm() error {
 	deadline := d.fixed
-	if deadline.IsZero() && d.idle > 0 {
-		if n := d.frames.Load(); d.next.IsZero() || n != d.seen {
-			d.seen = n
-			d.next = time.Now().Add(d.idle)
-		}
+	idle := deadline.IsZero() && d.idle > 0
+	if idle {
+		d.moveIdle()
 		deadline = d.next
+		if d.rc != nil && d.setIdle && deadline.Sub(d.set) <= d.idle/2 {
+			return nil // early catches the difference
+		}
 	}
 	if !deadline.Equal(d.set) {
 		if err := d.conn.SetReadDeadline(deadline); err != nil {
 			return err
 		}
-		d.set = deadline
+		d.set, d.setIdle = deadline, idle
 	}
 	return nil
 }
 
+// moveIdle moves the idle deadline past the frames decoded since it last
+// moved.
+func (d *deadlineReader) moveIdle() {
+	if n := d.frames.Load(); d.next.IsZero() || n != d.seen {
+		d.seen = n
+		d.next = time.Now().Add(d.idle)
+	}
+}
+
+// early reports whether err is the connection's deadline, passed before
+// the idle deadline: the read is to be tried again.
+func (d *deadlineReader) early(err error) bool {
+	if err == nil || !d.setIdle || d.set.Equal(d.next) && d.frames.Load() == d.seen ||
+		!errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	d.moveIdle()
+	if time.Now().Before(d.next) {
+		d.setIdle = false // the deadline in force has passed: arm moves it
+		return true
+	}
+	return false
+}
+
 func (d *deadlineReader) Read(p []byte) (int, error) {
-	if err := d.arm(); err != nil {
-		return 0, err
+	for {
+		if err := d.arm(); err != nil {
+			return 0, err
+		}
+		n, err := d.conn.Read(p)
+		if n > 0 {
+			d.reads.Add(1)
+		}
+		if n > 0 || !d.early(err) {
+			return n, err
+		}
 	}
-	n, err := d.conn.Read(p)
-	if n > 0 {
-		d.reads.Add(1)
-	}
-	return n, err
 }
