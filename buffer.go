@@ -129,5 +129,6 @@ func (c *Client) publish(l *link) {
 		}
 	}
 	c.link = l
+	c.live.Store(l)
 	c.setStateLocked(StateConnected)
 }

@@ -56,6 +56,9 @@ type Client struct {
 	// exited is closed once the client has stopped for good.
 	exited chan struct{}
 
+	// live is link, for Send to read without c.mu.
+	live atomic.Pointer[link]
+
 	mu       sync.Mutex
 	started  bool
 	state    State
@@ -192,6 +195,25 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 		return err
 	}
 	for {
+		if l := c.live.Load(); l != nil && !c.sendBuf.enabled() {
+			// Without a send buffer there is nothing to decide under
+			// c.mu: the connection in use takes the message or says why
+			// not. One that is going is left to the path below.
+			switch err := l.offer(payload); {
+			case err == nil:
+				return nil
+			case err == ErrQueueFull:
+				if !wait {
+					return err
+				}
+				if err := l.waitRoom(ctx); err != nil {
+					return err
+				}
+				continue
+			case errors.Is(err, ErrFrameTooLarge):
+				return err
+			}
+		}
 		// Whether the message goes on the live connection or into the
 		// buffer is decided under c.mu, where publish hands the buffer
 		// to a new connection, so no message can be left in the buffer
@@ -216,8 +238,6 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 		switch {
 		case err == nil:
 			c.mu.Unlock()
-			c.stats.msgsOut.Add(1)
-			c.stats.bytesOut.Add(uint64(len(payload)))
 			return nil
 		case err == ErrQueueFull:
 			c.mu.Unlock()
@@ -271,7 +291,16 @@ func (c *Client) Endpoint() string {
 
 // Stats returns a snapshot of the client's counters.
 func (c *Client) Stats() ClientStats {
+	c.mu.Lock()
 	st := c.stats.snapshot()
+	if c.link != nil {
+		// The live connection counts what Send gives it; its counts
+		// join the others as it ends, under c.mu.
+		msgs, bytes := c.link.sentCounts()
+		st.MessagesOut += msgs
+		st.BytesOut += bytes
+	}
+	c.mu.Unlock()
 	st.Endpoint = c.Endpoint()
 	return st
 }
@@ -394,6 +423,10 @@ func (c *Client) serve(l *link, hb *heartbeat, out outage) error {
 	c.stats.connectedSince.Store(0)
 	c.mu.Lock()
 	c.link = nil
+	c.live.Store(nil)
+	msgs, bytes := l.sentCounts()
+	c.stats.msgsOut.Add(msgs)
+	c.stats.bytesOut.Add(bytes)
 	if c.ctx.Err() == nil {
 		c.setStateLocked(StateReconnecting)
 	}

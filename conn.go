@@ -120,6 +120,9 @@ type link struct {
 	iov      [2][]byte
 	bufs     net.Buffers // views iov; a field so that WriteTo does not allocate
 
+	// sent and sentBytes count the messages offer queued.
+	sent, sentBytes uint64
+
 	// goodbye is the reconnect window a departing server asked for.
 	goodbye atomic.Int64
 	// sess is the session the link carries, nil for none. It is set
@@ -274,8 +277,17 @@ func (l *link) offer(p []byte) error {
 		l.mu.Unlock()
 		return ErrQueueFull
 	}
+	l.sent++
+	l.sentBytes += uint64(len(p))
 	l.unlock(l.appendMessageLocked(p))
 	return nil
+}
+
+// sentCounts returns how many messages, and bytes of them, offer queued.
+func (l *link) sentCounts() (msgs, bytes uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sent, l.sentBytes
 }
 
 // send queues message p, waiting for room in the stream queue as long as

@@ -12,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vgonet/vgo/vgotest"
 )
 
 func tokenAuth(want string) ServerOption {
@@ -279,4 +281,27 @@ func testMutualTLS(t *testing.T) (server, client *tls.Config, clientCert tls.Cer
 	server.ClientCAs = x509.NewCertPool()
 	server.ClientCAs.AddCert(leaf)
 	return server, client, clientCert
+}
+
+func TestStatsCountSendsAcrossConnections(t *testing.T) {
+	// The live connection counts what Send gives it; its counts join the
+	// client's as it ends, without being counted twice.
+	_, addr := startServer(t, echoHandler(t))
+	proxy, err := vgotest.NewProxy(addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { proxy.Close() })
+	got := make(chan struct{}, 10)
+	c := newTestClient(t, proxy.Addr(), WithOnMessage(func([]byte) { got <- struct{}{} }))
+	for round := 1; round <= 3; round++ {
+		require.NoError(t, c.WaitConnected(testContext(t)))
+		require.NoError(t, c.Send(testContext(t), []byte("1234")))
+		recv(t, got)
+		st := c.Stats()
+		assert.Equal(t, uint64(round), st.MessagesOut, "round %d", round)
+		assert.Equal(t, uint64(4*round), st.BytesOut, "round %d", round)
+		proxy.Cut()
+		require.Eventually(t, func() bool { return c.State() != StateConnected }, waitFor, time.Millisecond)
+		st = c.Stats()
+		assert.Equal(t, uint64(round), st.MessagesOut, "round %d, disconnected", round)
+	}
 }

@@ -229,7 +229,9 @@ func (r *frameReader) frame() (t frameType, p []byte, err error) {
 		}
 		return 0, nil, err
 	}
-	r.frames.Add(1)
+	// Stores, not an add: the reader is the only writer, and a store
+	// costs it no locked instruction per frame.
+	r.frames.Store(r.frames.Load() + 1)
 	if more := r.frameBuffered(); more != r.more.Load() {
 		r.more.Store(more)
 	}

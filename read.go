@@ -167,7 +167,7 @@ func (r *frameReader) awaitInput() error {
 	}
 	err := d.rc.Read(r.readIdleFn)
 	if r.w > 0 {
-		d.reads.Add(1)
+		d.reads.Store(d.reads.Load() + 1) // the reader is the only writer
 	}
 	if err == nil && r.readErr != nil {
 		err = r.readErr
@@ -271,7 +271,7 @@ func (d *deadlineReader) Read(p []byte) (int, error) {
 		}
 		n, err := d.conn.Read(p)
 		if n > 0 {
-			d.reads.Add(1)
+			d.reads.Store(d.reads.Load() + 1) // the reader is the only writer
 		}
 		if n > 0 || !d.early(err) {
 			return n, err
