@@ -235,13 +235,9 @@ func benchOneWayBaseline(b *testing.B, payload []byte) {
 func BenchmarkEcho(b *testing.B) {
 	payload := make([]byte, 64)
 	for _, window := range []int{1, 64} {
-		b.Run(fmt.Sprintf("vgo/inflight=%d", window), func(b *testing.B) {
-			replies := make(chan struct{}, window)
-			c := benchClient(b, []ClientOption{WithOnMessage(func([]byte) { replies <- struct{}{} })},
-				WithHandler(func(c *Conn, msg []byte) { _ = c.Send(context.Background(), msg) }))
-			b.ReportAllocs()
-			b.ResetTimer()
-			benchWindow(b, window, func() error { return c.Send(context.Background(), payload) }, func() { <-replies })
+		b.Run(fmt.Sprintf("vgo/inflight=%d", window), func(b *testing.B) { benchEcho(b, payload, window, nil) })
+		b.Run(fmt.Sprintf("sessions/inflight=%d", window), func(b *testing.B) {
+			benchEcho(b, payload, window, []ClientOption{WithResume(0)}, WithSessions(Sessions{}))
 		})
 		b.Run(fmt.Sprintf("baseline/inflight=%d", window), func(b *testing.B) {
 			benchEchoBaseline(b, payload, window, false)
@@ -254,6 +250,17 @@ func BenchmarkEcho(b *testing.B) {
 	b.Run("baseline-flush-each/inflight=64", func(b *testing.B) {
 		benchEchoBaseline(b, payload, 64, true)
 	})
+}
+
+// benchEcho runs BenchmarkEcho's vgo variants: a client built with
+// clientOpts and a server that echoes every message.
+func benchEcho(b *testing.B, payload []byte, window int, clientOpts []ClientOption, serverOpts ...ServerOption) {
+	replies := make(chan struct{}, window)
+	c := benchClient(b, append([]ClientOption{WithOnMessage(func([]byte) { replies <- struct{}{} })}, clientOpts...),
+		append([]ServerOption{WithHandler(func(c *Conn, msg []byte) { _ = c.Send(context.Background(), msg) })}, serverOpts...)...)
+	b.ReportAllocs()
+	b.ResetTimer()
+	benchWindow(b, window, func() error { return c.Send(context.Background(), payload) }, func() { <-replies })
 }
 
 // benchEchoBaseline is BenchmarkEcho over a plain connection. The client
