@@ -186,19 +186,16 @@ func (c *Client) send(ctx context.Context, payload []byte, wait bool) error {
 	}
 	if c.sess != nil {
 		// The session has its own lock, and ends with the client
-		// (finish), after which it returns the client's error.
-		err := c.sess.send(ctx, payload, wait)
-		if err == nil {
-			c.stats.msgsOut.Add(1)
-			c.stats.bytesOut.Add(uint64(len(payload)))
-		}
-		return err
+		// (finish), after which it returns the client's error. It
+		// counts what it takes (Stats).
+		return c.sess.send(ctx, payload, wait)
 	}
 	for {
-		if l := c.live.Load(); l != nil && !c.sendBuf.enabled() {
+		if l := c.live.Load(); l != nil && !c.sendBuf.enabled() && c.ctx.Err() == nil {
 			// Without a send buffer there is nothing to decide under
 			// c.mu: the connection in use takes the message or says why
-			// not. One that is going is left to the path below.
+			// not. One that is going, or a client closing, is left to
+			// the path below.
 			switch err := l.offer(payload); {
 			case err == nil:
 				return nil
@@ -301,6 +298,11 @@ func (c *Client) Stats() ClientStats {
 		st.BytesOut += bytes
 	}
 	c.mu.Unlock()
+	if c.sess != nil {
+		msgs, bytes := c.sess.acceptedCounts()
+		st.MessagesOut += msgs
+		st.BytesOut += bytes
+	}
 	st.Endpoint = c.Endpoint()
 	return st
 }

@@ -238,8 +238,13 @@ func (l *link) shutdown(err error) error {
 	return l.err
 }
 
-// wait returns once the writer has exited; call it after shutdown.
-func (l *link) wait() { l.writers.Wait() }
+// wait returns once the link is down and its writer goroutine has exited.
+// Call it once the link is going: a direct write that failed may still be
+// on its way to shutdown.
+func (l *link) wait() {
+	l.writers.Wait()
+	<-l.done
+}
 
 // release gives the read buffers of a link whose reader has exited back to
 // the pool; a suspended session keeps its last link, without them.

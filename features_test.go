@@ -305,3 +305,19 @@ func TestStatsCountSendsAcrossConnections(t *testing.T) {
 		assert.Equal(t, uint64(round), st.MessagesOut, "round %d, disconnected", round)
 	}
 }
+
+func TestStatsCountSendsOfPlainSession(t *testing.T) {
+	// A client asking for a session from a server without sessions runs
+	// plain; each message it sends is counted once.
+	_, addr := startServer(t, echoHandler(t))
+	got := make(chan struct{}, 10)
+	c := newTestClient(t, addr, WithResume(0), WithOnMessage(func([]byte) { got <- struct{}{} }))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	for range 3 {
+		require.NoError(t, c.Send(testContext(t), []byte("12345")))
+		recv(t, got)
+	}
+	st := c.Stats()
+	assert.Equal(t, uint64(3), st.MessagesOut)
+	assert.Equal(t, uint64(15), st.BytesOut)
+}

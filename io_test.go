@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,10 +93,11 @@ func TestDirectWriteHandsTheRestToWriter(t *testing.T) {
 }
 
 func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
-	// The server's side of an idle connection, once it has answered a
-	// ping, holds less memory than its read buffer alone would take.
+	// The server's side of an idle connection, once it has read a long
+	// message and answered a ping, holds less memory than its read buffer
+	// alone would take.
 	const n = 300
-	s, addr := startServer(t)
+	s, addr := startServer(t, WithHandler(func(c *Conn, _ []byte) { _ = c.Send(context.Background(), []byte("ok")) }))
 	heap := func() uint64 {
 		runtime.GC()
 		runtime.GC()
@@ -111,7 +113,9 @@ func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
 		nc, err := net.DialTimeout("tcp", addr, waitFor)
 		require.NoError(t, err)
 		t.Cleanup(func() { nc.Close() })
-		_, err = nc.Write(append(rawHello(ProtocolVersion), appendFrame(nil, framePing, make([]byte, 8))...))
+		// A long message last: the buffer it was read into goes back too.
+		out := appendFrame(rawHello(ProtocolVersion), framePing, make([]byte, 8))
+		_, err = nc.Write(appendFrame(out, frameData, make([]byte, 3*readBufferSize)))
 		require.NoError(t, err)
 		clients[i] = nc
 	}
@@ -119,7 +123,8 @@ func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
 		require.NoError(t, nc.SetReadDeadline(time.Now().Add(waitFor)))
 		var b [256]byte
 		got := 0
-		for got == 0 || !bytes.Contains(b[:got], []byte{byte(framePong), 0, 0, 0, 8}) {
+		// The pong, then the reply to the long message.
+		for got == 0 || !bytes.HasSuffix(b[:got], appendFrame(nil, frameData, []byte("ok"))) {
 			m, err := nc.Read(b[got:])
 			require.NoError(t, err)
 			got += m
@@ -179,4 +184,47 @@ func TestStaleCountsFromTheLastFrame(t *testing.T) {
 	// Less a margin for the pong's trip: last is taken after it.
 	assert.GreaterOrEqual(t, silent, timeout-timeout/6, "dropped before a timeout of silence")
 	t.Logf("dropped after %v of silence", silent)
+}
+
+// countingConn is a TCP connection whose own Read and Write count their
+// calls, as a wrapper that meters or logs its traffic would.
+type countingConn struct {
+	*net.TCPConn
+	reads, writes *atomic.Int64
+}
+
+func (c countingConn) Read(p []byte) (int, error) {
+	c.reads.Add(1)
+	return c.TCPConn.Read(p)
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.TCPConn.Write(p)
+}
+
+func TestWrappedConnectionIsNotBypassed(t *testing.T) {
+	// Only a plain TCP connection is written and read through its raw
+	// socket: a type that wraps one sees every byte go through its own
+	// Read and Write.
+	var reads, writes atomic.Int64
+	_, addr := startServer(t, WithHandler(mirror))
+	got := make(chan struct{}, 1)
+	c := newTestClient(t, addr, WithOnMessage(func([]byte) { got <- struct{}{} }),
+		WithDialFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var d net.Dialer
+			nc, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return countingConn{TCPConn: nc.(*net.TCPConn), reads: &reads, writes: &writes}, nil
+		}))
+	require.NoError(t, c.WaitConnected(testContext(t)))
+	before := writes.Load()
+	for range 3 {
+		require.NoError(t, c.Send(testContext(t), []byte("metered")))
+		recv(t, got)
+	}
+	assert.GreaterOrEqual(t, writes.Load()-before, int64(3), "writes that bypassed the wrapper")
+	assert.GreaterOrEqual(t, reads.Load(), int64(4), "reads that bypassed the wrapper")
 }

@@ -7,14 +7,16 @@ import (
 	"syscall"
 )
 
-// rawSocket returns the socket under c for the writes that do not wait, or
-// nil when c is not a socket.
+// rawSocket returns the socket under c for the writes that do not wait and
+// the reads that hold no buffer, or nil unless c is a plain TCP connection:
+// a type that wraps one may do its own work in Read and Write, which the
+// raw socket would bypass.
 func rawSocket(c net.Conn) syscall.RawConn {
-	sc, ok := c.(syscall.Conn)
+	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return nil
 	}
-	rc, err := sc.SyscallConn()
+	rc, err := tc.SyscallConn()
 	if err != nil {
 		return nil
 	}

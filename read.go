@@ -146,6 +146,11 @@ func (l *link) awaitInput() error {
 	if l.rc == nil || l.fr.r != l.fr.w {
 		return nil
 	}
+	if l.fr.want < 0 && l.fr.held != nil {
+		// The last long message's buffer, which next would give back.
+		putBuffer(l.fr.held)
+		l.fr.held = nil
+	}
 	for {
 		if err := l.rd.arm(); err != nil {
 			return err

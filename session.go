@@ -74,6 +74,10 @@ type session struct {
 	// first is the number of the message at head, next the number the
 	// next message sent gets. Numbers start at 1.
 	first, next uint64
+	// accepted and acceptedBytes count the messages send put in the log,
+	// over every session this one has been; those sent while the session
+	// runs plain are counted by the connection (link.offer).
+	accepted, acceptedBytes uint64
 	// wrote is the number of the last message handed to a connection:
 	// those after it have not been near the network.
 	wrote uint64
@@ -199,6 +203,8 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 		s.log.b = binary.BigEndian.AppendUint32(s.log.b, uint32(len(p)))
 		s.log.b = append(s.log.b, p...)
 		s.next++
+		s.accepted++
+		s.acceptedBytes += uint64(len(p))
 		if pushed {
 			s.wrote = s.next - 1
 			if grown := s.buffered() - s.low; grown > s.overrunBytes() && s.next-s.first > 1 {
@@ -208,6 +214,13 @@ func (s *session) send(ctx context.Context, p []byte, wait bool) error {
 		s.mu.Unlock()
 		return nil
 	}
+}
+
+// acceptedCounts returns the counts of messages send put in the log.
+func (s *session) acceptedCounts() (msgs, bytes uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.accepted, s.acceptedBytes
 }
 
 // roomLocked reports whether the log has room for a message of n bytes,
