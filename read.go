@@ -146,11 +146,6 @@ func (l *link) awaitInput() error {
 	if l.rc == nil || l.fr.r != l.fr.w {
 		return nil
 	}
-	if l.fr.want < 0 && l.fr.held != nil {
-		// The last long message's buffer, which next would give back.
-		putBuffer(l.fr.held)
-		l.fr.held = nil
-	}
 	for {
 		if err := l.rd.arm(); err != nil {
 			return err
@@ -166,6 +161,11 @@ func (l *link) awaitInput() error {
 // holds no buffer.
 func (r *frameReader) awaitInput() error {
 	d := r.link
+	if r.want < 0 && r.held != nil {
+		// The last long message's buffer, which next would give back.
+		putBuffer(r.held)
+		r.held = nil
+	}
 	r.r, r.w, r.readErr = 0, 0, nil
 	if r.readIdleFn == nil {
 		r.readIdleFn = r.readIdle

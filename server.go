@@ -280,6 +280,12 @@ func (s *Server) serveConn(c *Conn) {
 func (s *Server) serveFrames(c *Conn) {
 	defer s.wg.Done()
 	c.end(s.readLoop(c))
+	s.disconnected(c)
+}
+
+// disconnected tears down connection c once its reader has stopped. It is
+// a function of its own to keep serveFrames' frame small (see readLoop).
+func (s *Server) disconnected(c *Conn) {
 	c.l.wait()
 	c.l.release()
 	cause := c.l.cause()
@@ -488,6 +494,12 @@ func (s *Server) answer(c *Conn, h hello, deadline time.Time) (resumed *Conn, er
 // handing data frames to the handler. Every socket read carries the
 // heartbeat deadline, so a silent peer ends the loop with
 // ErrHeartbeatTimeout.
+//
+// An idle connection waits in awaitInput, under serveFrames and readLoop:
+// the frames of the three, with the runtime's below them, must stay within
+// the goroutine's first stack of 2 KiB, or the stack doubles for good.
+// What is rare (a ping's debug line, the teardown) lives in functions of
+// its own, so that these frames stay small.
 func (s *Server) readLoop(c *Conn) error {
 	g := readerID(c.l)
 	for {
@@ -517,13 +529,7 @@ func (s *Server) readLoop(c *Conn) error {
 				return err
 			}
 		case framePing:
-			if debugEnabled(c.srv.log) {
-				c.logger().Debug("received ping")
-			}
-			if fn := s.opts.onPing; fn != nil {
-				fn(c)
-			}
-			if !ackOwed(c.l) || c.l.beat(framePong, p) != nil {
+			if !s.answerPing(c, p) {
 				return nil
 			}
 		case framePong:
@@ -533,6 +539,18 @@ func (s *Server) readLoop(c *Conn) error {
 			return protocolErrorf("unexpected %s frame", t)
 		}
 	}
+}
+
+// answerPing answers a ping from c with payload p, with an ack first if
+// one is owed. It reports false if the connection is down.
+func (s *Server) answerPing(c *Conn, p []byte) bool {
+	if debugEnabled(s.log) {
+		c.logger().Debug("received ping")
+	}
+	if fn := s.opts.onPing; fn != nil {
+		fn(c)
+	}
+	return ackOwed(c.l) && c.l.beat(framePong, p) == nil
 }
 
 // awaitHello waits for the first byte of what should be the hello, and
