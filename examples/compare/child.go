@@ -8,10 +8,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vgonet/vgo/internal/childproc"
 )
 
 // msg is one JSON line between the parent and a child, in either direction.
@@ -86,20 +87,8 @@ type child struct {
 // startChild runs this program's binary in role. ctx ending kills the
 // child.
 func startChild(ctx context.Context, exe, role string, log *logrus.Entry) (*child, error) {
-	cmd := exec.CommandContext(ctx, exe, "-role", role)
-	cmd.Stderr = os.Stderr
-	// A child must not outlive the parent; a child whose parent died also
-	// finds the end of its stdin and exits.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdin, err := cmd.StdinPipe()
+	cmd, stdin, stdout, err := childproc.Start(ctx, exe, "-role", role)
 	if err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	c := &child{

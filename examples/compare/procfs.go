@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -9,11 +8,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
-)
 
-// clockTick is the unit of utime and stime in /proc/<pid>/stat. USER_HZ is
-// 100 on every Linux architecture Go supports; reading it would need cgo.
-const clockTick = 10 * time.Millisecond
+	"github.com/vgonet/vgo/internal/procfs"
+)
 
 // cpuSample is a process's CPU time, user and system, at one moment, read
 // two ways.
@@ -24,7 +21,7 @@ type cpuSample struct {
 
 // readCPU reads a process's CPU time so far.
 func readCPU(pid int) (cpuSample, error) {
-	ticks, err := readTicks(pid)
+	ticks, err := procfs.CPU(pid)
 	if err != nil {
 		return cpuSample{}, err
 	}
@@ -46,34 +43,6 @@ func cpuBetween(a, b cpuSample) (cpu, ticks time.Duration) {
 		return ticks, ticks
 	}
 	return b.sched - a.sched, ticks
-}
-
-// readTicks returns utime + stime from /proc/<pid>/stat, which count the
-// threads that have exited too.
-func readTicks(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name, field 2, is in parentheses and may contain spaces;
-	// the fields after it start with the state, field 3.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
-	}
-	var ticks uint64
-	for _, s := range f[11:13] { // utime (field 14) and stime (field 15)
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * clockTick, nil
 }
 
 // readSchedstat returns the time on CPU of a process's live threads, the
@@ -104,24 +73,7 @@ func readSchedstat(pid int) (time.Duration, error) {
 }
 
 // readRSS returns a process's resident set size (VmRSS) in bytes.
-func readRSS(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.Lines(string(b)) {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
-		if !ok {
-			continue
-		}
-		kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("VmRSS of %d: %w", pid, err)
-		}
-		return kb << 10, nil
-	}
-	return 0, fmt.Errorf("no VmRSS for %d", pid)
-}
+func readRSS(pid int) (uint64, error) { return procfs.StatusBytes(pid, "VmRSS") }
 
 // machineBusy is the machine's busy and total CPU time, summed over its
 // CPUs, from the first line of /proc/stat.
@@ -145,8 +97,8 @@ func readMachineBusy() (machineBusy, error) {
 	}
 	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
 	return machineBusy{
-		busy:  time.Duration(busy) * clockTick,
-		total: time.Duration(busy+v[3]+v[4]) * clockTick,
+		busy:  time.Duration(busy) * procfs.ClockTick,
+		total: time.Duration(busy+v[3]+v[4]) * procfs.ClockTick,
 	}, nil
 }
 

@@ -10,10 +10,11 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vgonet/vgo/internal/childproc"
 )
 
 // child is the parent's handle on one child process: commands go to its
@@ -36,21 +37,8 @@ type child struct {
 // child's progress and up messages on the child's reader goroutine, so it
 // must not block. ctx ending kills the child.
 func startChild(ctx context.Context, exe, name string, args []string, log *logrus.Entry, onEvent func(envelope)) (*child, error) {
-	cmd := exec.CommandContext(ctx, exe, args...)
-	cmd.Stderr = os.Stderr
-	// Children must not outlive the parent even if it is killed; reading
-	// end of input on stdin covers the case where this signal does not
-	// fire because the thread that started the child has gone.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdin, err := cmd.StdinPipe()
+	cmd, stdin, stdout, err := childproc.Start(ctx, exe, args...)
 	if err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	c := &child{

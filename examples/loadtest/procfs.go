@@ -1,73 +1,25 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vgonet/vgo/internal/procfs"
 )
 
-// clockTick is the unit of utime and stime in /proc/<pid>/stat. USER_HZ is
-// 100 on every Linux architecture Go supports; reading it would need cgo.
-const clockTick = 10 * time.Millisecond
-
 // readRSS returns a process's resident set size (VmRSS) in bytes.
-func readRSS(pid int) (uint64, error) { return readStatusKB(pid, "VmRSS") }
+func readRSS(pid int) (uint64, error) { return procfs.StatusBytes(pid, "VmRSS") }
 
 // readHWM returns a process's peak resident set size so far (VmHWM) in
 // bytes.
-func readHWM(pid int) (uint64, error) { return readStatusKB(pid, "VmHWM") }
+func readHWM(pid int) (uint64, error) { return procfs.StatusBytes(pid, "VmHWM") }
 
-// readStatusKB returns a field of /proc/<pid>/status given in kB, in bytes.
-func readStatusKB(pid int, field string) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.Lines(string(b)) {
-		rest, ok := strings.CutPrefix(line, field+":")
-		if !ok {
-			continue
-		}
-		kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("%s of %d: %w", field, pid, err)
-		}
-		return kb << 10, nil
-	}
-	return 0, fmt.Errorf("no %s for %d", field, pid)
-}
-
-// readCPU returns the CPU time a process has used so far, user plus system
-// (utime + stime).
-func readCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name, field 2, is in parentheses and may contain spaces;
-	// the fields after it start with the state, field 3.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
-	}
-	var ticks uint64
-	for _, s := range f[11:13] { // utime (field 14) and stime (field 15)
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * clockTick, nil
-}
+// readCPU returns the CPU time a process has used so far, user plus system.
+func readCPU(pid int) (time.Duration, error) { return procfs.CPU(pid) }
 
 // countFDs returns how many file descriptors a process has open.
 func countFDs(pid int) (int, error) {
@@ -99,7 +51,7 @@ func readMachineCPU() (machineCPU, error) {
 			return machineCPU{}, fmt.Errorf("/proc/stat: %w", err)
 		}
 	}
-	tick := func(n uint64) time.Duration { return time.Duration(n) * clockTick }
+	tick := func(n uint64) time.Duration { return time.Duration(n) * procfs.ClockTick }
 	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
 	return machineCPU{
 		busy:    tick(busy),
