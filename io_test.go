@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -98,27 +97,12 @@ func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
 	// alone would take.
 	const n = 300
 	s, addr := startServer(t, WithHandler(func(c *Conn, _ []byte) { _ = c.Send(context.Background(), []byte("ok")) }))
-	heap := func() uint64 {
-		runtime.GC()
-		runtime.GC()
-		var m runtime.MemStats
-		runtime.ReadMemStats(&m)
-		return m.HeapAlloc
-	}
 	// Clients that read into a small buffer of their own, so that the
 	// heap grows by the server's side of each connection and little more.
-	before := heap()
-	clients := make([]net.Conn, n)
-	for i := range clients {
-		nc, err := net.DialTimeout("tcp", addr, waitFor)
-		require.NoError(t, err)
-		t.Cleanup(func() { nc.Close() })
-		// A long message last: the buffer it was read into goes back too.
-		out := appendFrame(rawHello(ProtocolVersion), framePing, make([]byte, 8))
-		_, err = nc.Write(appendFrame(out, frameData, make([]byte, 3*readBufferSize)))
-		require.NoError(t, err)
-		clients[i] = nc
-	}
+	before, _ := heapInUse()
+	// A long message last: the buffer it was read into goes back too.
+	first := appendFrame(rawHello(ProtocolVersion), framePing, make([]byte, 8))
+	clients := dialMany(t, addr, n, appendFrame(first, frameData, make([]byte, 3*readBufferSize)))
 	for _, nc := range clients {
 		require.NoError(t, nc.SetReadDeadline(time.Now().Add(waitFor)))
 		var b [256]byte
@@ -131,7 +115,8 @@ func TestIdleConnectionsHoldNoReadBuffer(t *testing.T) {
 		}
 	}
 	require.Equal(t, n, s.Len())
-	perConn := (float64(heap()) - float64(before)) / n
+	after, _ := heapInUse()
+	perConn := (float64(after) - float64(before)) / n
 	t.Logf("heap per idle connection: %.0f B", perConn)
 	assert.Less(t, perConn, float64(readBufferSize), "idle connections hold their read buffers")
 }
@@ -227,4 +212,20 @@ func TestWrappedConnectionIsNotBypassed(t *testing.T) {
 	}
 	assert.GreaterOrEqual(t, writes.Load()-before, int64(3), "writes that bypassed the wrapper")
 	assert.GreaterOrEqual(t, reads.Load(), int64(4), "reads that bypassed the wrapper")
+}
+
+// dialMany opens n plain connections to addr, each of which writes first
+// at once; they close with the test.
+func dialMany(t *testing.T, addr string, n int, first []byte) []net.Conn {
+	t.Helper()
+	clients := make([]net.Conn, n)
+	for i := range clients {
+		nc, err := net.DialTimeout("tcp", addr, waitFor)
+		require.NoError(t, err)
+		t.Cleanup(func() { nc.Close() })
+		_, err = nc.Write(first)
+		require.NoError(t, err)
+		clients[i] = nc
+	}
+	return clients
 }

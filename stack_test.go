@@ -3,10 +3,8 @@
 package vgo
 
 import (
-	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"testing"
 	"time"
 
@@ -43,22 +41,8 @@ func TestIdleReaderKeepsSmallStack(t *testing.T) {
 	}
 	const n = 200
 	_, addr := startServer(t, WithHeartbeatTimeout(time.Minute))
-	stacks := func() uint64 {
-		runtime.GC()
-		var m runtime.MemStats
-		runtime.ReadMemStats(&m)
-		return m.StackInuse
-	}
-	before := stacks()
-	clients := make([]net.Conn, n)
-	for i := range clients {
-		nc, err := net.DialTimeout("tcp", addr, waitFor)
-		require.NoError(t, err)
-		t.Cleanup(func() { nc.Close() })
-		_, err = nc.Write(rawHello(ProtocolVersion))
-		require.NoError(t, err)
-		clients[i] = nc
-	}
+	_, before := heapInUse()
+	clients := dialMany(t, addr, n, rawHello(ProtocolVersion))
 	readers := make([]*frameReader, n)
 	for i, nc := range clients {
 		readers[i] = newFrameReader(nc, DefaultMaxFrameSize)
@@ -82,7 +66,8 @@ func TestIdleReaderKeepsSmallStack(t *testing.T) {
 			require.Equal(t, framePong, ft)
 		}
 	}
-	perConn := (float64(stacks()) - float64(before)) / n
+	_, after := heapInUse()
+	perConn := (float64(after) - float64(before)) / n
 	t.Logf("stack per idle connection: %.0f B", perConn)
 	assert.Less(t, perConn, 3000.0, "the readers' stacks grew past 2 KiB")
 }
