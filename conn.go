@@ -104,8 +104,8 @@ type link struct {
 	// connection, which would refuse a direct write once it passed.
 	deadlineSet bool
 	// rc is the socket of a plain TCP link, for writes that do not wait
-	// and for waiting for input without a buffer; nil over TLS or a
-	// connection that is not a socket.
+	// and for waiting for input without a buffer; nil over TLS and for
+	// any connection but a *net.TCPConn (rawSocket).
 	rc     syscall.RawConn
 	direct directWrite
 	// heardAt is the count of reads that returned bytes when the last
