@@ -80,26 +80,8 @@ func readRSS(pid int) (uint64, error) { return procfs.StatusBytes(pid, "VmRSS") 
 type machineBusy struct{ busy, total time.Duration }
 
 func readMachineBusy() (machineBusy, error) {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return machineBusy{}, err
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	if len(f) < 9 || f[0] != "cpu" {
-		return machineBusy{}, fmt.Errorf("/proc/stat: unexpected first line %q", line)
-	}
-	var v [8]uint64 // user nice system idle iowait irq softirq steal
-	for i := range v {
-		if v[i], err = strconv.ParseUint(f[i+1], 10, 64); err != nil {
-			return machineBusy{}, fmt.Errorf("/proc/stat: %w", err)
-		}
-	}
-	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-	return machineBusy{
-		busy:  time.Duration(busy) * procfs.ClockTick,
-		total: time.Duration(busy+v[3]+v[4]) * procfs.ClockTick,
-	}, nil
+	m, err := procfs.MachineCPU()
+	return machineBusy{busy: m.Busy, total: m.Total}, err
 }
 
 // share returns the part of the machine's CPU time that was busy between m

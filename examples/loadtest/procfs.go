@@ -36,28 +36,8 @@ type machineCPU struct {
 }
 
 func readMachineCPU() (machineCPU, error) {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return machineCPU{}, err
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	if len(f) < 9 || f[0] != "cpu" {
-		return machineCPU{}, fmt.Errorf("/proc/stat: unexpected first line %q", line)
-	}
-	var v [8]uint64 // user nice system idle iowait irq softirq steal
-	for i := range v {
-		if v[i], err = strconv.ParseUint(f[i+1], 10, 64); err != nil {
-			return machineCPU{}, fmt.Errorf("/proc/stat: %w", err)
-		}
-	}
-	tick := func(n uint64) time.Duration { return time.Duration(n) * procfs.ClockTick }
-	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-	return machineCPU{
-		busy:    tick(busy),
-		softirq: tick(v[6]),
-		total:   tick(busy + v[3] + v[4]),
-	}, nil
+	m, err := procfs.MachineCPU()
+	return machineCPU{busy: m.Busy, softirq: m.Softirq, total: m.Total}, err
 }
 
 func (m machineCPU) sub(o machineCPU) machineCPU {

@@ -63,3 +63,33 @@ func StatusBytes(pid int, field string) (uint64, error) {
 	}
 	return 0, fmt.Errorf("no %s for %d", field, pid)
 }
+
+// Machine is the machine's CPU time from the first line of /proc/stat,
+// summed over all its CPUs.
+type Machine struct {
+	Busy    time.Duration // user, nice, system, irq, softirq, steal
+	Softirq time.Duration // part of Busy; loopback traffic is processed here
+	Total   time.Duration // Busy plus idle and iowait
+}
+
+// MachineCPU reads the machine's CPU time so far.
+func MachineCPU() (Machine, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return Machine{}, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return Machine{}, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var v [8]uint64 // user nice system idle iowait irq softirq steal
+	for i := range v {
+		if v[i], err = strconv.ParseUint(f[i+1], 10, 64); err != nil {
+			return Machine{}, fmt.Errorf("/proc/stat: %w", err)
+		}
+	}
+	tick := func(n uint64) time.Duration { return time.Duration(n) * ClockTick }
+	busy := v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+	return Machine{Busy: tick(busy), Softirq: tick(v[6]), Total: tick(busy + v[3] + v[4])}, nil
+}
