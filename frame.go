@@ -191,17 +191,6 @@ func (r *frameReader) next() (frameType, []byte, error) {
 // frame reads one frame. A fragment's bytes go onto the message being
 // reassembled, and p is nil.
 func (r *frameReader) frame() (t frameType, p []byte, err error) {
-	for r.link != nil && r.link.rc != nil && r.r == r.w {
-		if err := r.link.arm(); err != nil {
-			return 0, nil, err
-		}
-		if err := r.awaitInput(); !r.link.early(err) {
-			if err != nil {
-				return 0, nil, err
-			}
-			break
-		}
-	}
 	hdr, err := r.peek(headerSize)
 	if err != nil {
 		if len(hdr) > 0 && errors.Is(err, io.EOF) {
