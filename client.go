@@ -280,6 +280,10 @@ func (c *Client) RTT() time.Duration {
 func (c *Client) Endpoint() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.endpointLocked()
+}
+
+func (c *Client) endpointLocked() string {
 	if c.endpoint == "" {
 		return c.addrs[0]
 	}
@@ -297,13 +301,13 @@ func (c *Client) Stats() ClientStats {
 		st.MessagesOut += msgs
 		st.BytesOut += bytes
 	}
+	st.Endpoint = c.endpointLocked()
 	c.mu.Unlock()
 	if c.sess != nil {
 		msgs, bytes := c.sess.acceptedCounts()
 		st.MessagesOut += msgs
 		st.BytesOut += bytes
 	}
-	st.Endpoint = c.Endpoint()
 	return st
 }
 
