@@ -109,22 +109,16 @@ func startChild(ctx context.Context, exe, role string, log *logrus.Entry) (*chil
 // reaps the child and closes exited.
 func (c *child) read(stdout io.Reader) {
 	defer close(c.exited)
-	dec := json.NewDecoder(stdout)
-	for {
-		var m msg
-		if err := dec.Decode(&m); err != nil {
-			if !errors.Is(err, io.EOF) {
-				c.log.WithField("err", err).Warn("bad output from child")
-			}
-			break
-		}
+	err := childproc.Decode(stdout, func(m msg) {
 		select {
 		case c.replies <- m:
 		default:
 			c.log.WithField("kind", m.Kind).Warn("dropped an unexpected message")
 		}
+	})
+	if err != nil {
+		c.log.WithField("err", err).Warn("bad output from child")
 	}
-	_, _ = io.Copy(io.Discard, stdout)
 	c.waitErr = c.cmd.Wait()
 }
 

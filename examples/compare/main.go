@@ -117,6 +117,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vgonet/vgo/internal/childproc"
 )
 
 // Roles. The parent runs its own binary again with -role set for each child;
@@ -175,15 +177,7 @@ func parseFlags() (config, error) {
 	fs.DurationVar(&c.window, "window", 20*time.Second, "idle measuring window")
 	fs.DurationVar(&c.deadline, "deadline", 30*time.Minute, "limit for the whole program; when it passes, every child is killed")
 	fs.StringVar(&c.role, "role", roleParent, "process role")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage of %s:\n", os.Args[0])
-		fs.VisitAll(func(f *flag.Flag) {
-			if f.Name == "role" {
-				return
-			}
-			fmt.Fprintf(fs.Output(), "  -%s\n    \t%s (default %q)\n", f.Name, f.Usage, f.DefValue)
-		})
-	}
+	childproc.Usage(fs, "role")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return c, err
 	}

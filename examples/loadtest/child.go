@@ -53,15 +53,7 @@ func startChild(ctx context.Context, exe, name string, args []string, log *logru
 	c.log.WithField("args", strings.Join(args, " ")).Info("child started")
 	c.wg.Go(func() {
 		defer close(c.exited)
-		dec := json.NewDecoder(stdout)
-		for {
-			var env envelope
-			if err := dec.Decode(&env); err != nil {
-				if !errors.Is(err, io.EOF) {
-					c.log.WithField("err", err).Warn("bad output from child")
-				}
-				break
-			}
+		err := childproc.Decode(stdout, func(env envelope) {
 			switch env.Type {
 			case msgProgress, msgUp:
 				onEvent(env)
@@ -74,10 +66,10 @@ func startChild(ctx context.Context, exe, name string, args []string, log *logru
 					c.log.WithField("type", env.Type).Warn("dropped a late reply")
 				}
 			}
+		})
+		if err != nil {
+			c.log.WithField("err", err).Warn("bad output from child")
 		}
-		// Drain what is left so that the child never blocks on a full
-		// pipe while it exits.
-		_, _ = io.Copy(io.Discard, stdout)
 		c.waitErr = cmd.Wait()
 	})
 	return c, nil

@@ -147,6 +147,8 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/vgonet/vgo"
+
+	"github.com/vgonet/vgo/internal/childproc"
 )
 
 // Roles. The parent re-executes its own binary with -role set for the
@@ -205,7 +207,7 @@ type config struct {
 }
 
 // hiddenFlags are the flags only the parent sets, left out of -help.
-var hiddenFlags = map[string]bool{"role": true, "proc": true, "count": true, "first": true}
+var hiddenFlags = []string{"role", "proc", "count", "first"}
 
 func parseFlags() (config, error) {
 	var c config
@@ -241,15 +243,7 @@ func parseFlags() (config, error) {
 	fs.IntVar(&c.proc, "proc", 0, "client process index")
 	fs.IntVar(&c.count, "count", 0, "clients in this process")
 	fs.IntVar(&c.first, "first", 0, "global index of the first client")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage of %s:\n", os.Args[0])
-		fs.VisitAll(func(f *flag.Flag) {
-			if hiddenFlags[f.Name] {
-				return
-			}
-			fmt.Fprintf(fs.Output(), "  -%s\n    \t%s (default %q)\n", f.Name, f.Usage, f.DefValue)
-		})
-	}
+	childproc.Usage(fs, hiddenFlags...)
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return c, err
 	}
