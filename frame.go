@@ -124,10 +124,8 @@ func (e *protocolError) Unwrap() error        { return e.err }
 // messages back together. The payload it returns aliases a buffer that the
 // next call reuses or gives back to the pool.
 type frameReader struct {
-	// src is the stream; link is src too when it is a link's, whose
-	// socket lets the buffer go while the connection is idle.
-	src  io.Reader
-	link *deadlineReader
+	// src is the stream: a link's deadlineReader, or in tests any reader.
+	src io.Reader
 	// buf holds bytes read from src, of which r:w are not yet decoded.
 	// It comes from the pool (read.go).
 	buf        []byte
@@ -156,7 +154,7 @@ func newFrameReader(r io.Reader, maxData int) *frameReader {
 
 // newLinkReader returns the frame reader of a link, which reads from d.
 func newLinkReader(d *deadlineReader) *frameReader {
-	r := &frameReader{src: d, link: d, want: -1}
+	r := &frameReader{src: d, want: -1}
 	d.frames = &r.frames
 	return r
 }

@@ -150,17 +150,16 @@ func (l *link) awaitInput() error {
 		if err := l.rd.arm(); err != nil {
 			return err
 		}
-		if err := l.fr.awaitInput(); !l.rd.early(err) {
+		if err := l.fr.awaitInput(l.rd); !l.rd.early(err) {
 			return err
 		}
 	}
 }
 
-// awaitInput reads the next bytes of a link's raw socket into an empty
-// buffer, with the read deadline armed. While the socket has none it
-// holds no buffer.
-func (r *frameReader) awaitInput() error {
-	d := r.link
+// awaitInput reads the next bytes of d, the frame reader's source, from
+// its raw socket into an empty buffer, with the read deadline armed.
+// While the socket has none it holds no buffer.
+func (r *frameReader) awaitInput(d *deadlineReader) error {
 	if r.want < 0 && r.held != nil {
 		// The last long message's buffer, which next would give back.
 		putBuffer(r.held)
@@ -190,9 +189,7 @@ func (r *frameReader) release() {
 		putBuffer(r.held)
 	}
 	r.held = nil
-	if r.link != nil {
-		r.dropBuffer()
-	}
+	r.dropBuffer()
 }
 
 // deadlineReader is what a link's frames are read from. It sets the read

@@ -39,7 +39,7 @@ func TestIdleReaderKeepsSmallStack(t *testing.T) {
 		require.NoError(t, err)
 		return
 	}
-	const n = 200
+	const n = 400
 	_, addr := startServer(t, WithHeartbeatTimeout(time.Minute))
 	_, before := heapInUse()
 	clients := dialMany(t, addr, n, rawHello(ProtocolVersion))
